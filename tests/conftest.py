@@ -1,0 +1,68 @@
+"""Shared fixtures and the test tiers.
+
+Each test's tier is the folder it lives in (``tests/unit``, ``tests/integration``,
+``tests/multihost``, ``tests/gpu``); the matching marker is added here, so ``pytest -m unit``
+selects a tier and a test outside those folders is an error rather than an unmarked test.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+TIERS = ("unit", "integration", "multihost", "gpu")
+TESTS_DIR = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        rel = Path(str(item.path)).relative_to(TESTS_DIR)
+        tier = rel.parts[0] if len(rel.parts) > 1 else ""
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{rel}: tests live in one of tests/{{{','.join(TIERS)}}}/")
+        item.add_marker(getattr(pytest.mark, tier))
+        if tier == "gpu" and not _gpu_available():
+            item.add_marker(pytest.mark.skip(reason="no GPU here (nvidia-smi lists none)"))
+
+
+def _gpu_available() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny offline chat model, built once per test session (about 5 s).
+
+    The folder name is neutral on purpose: FastChat picks adapters by path substrings.
+    """
+    from deploy.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "toy-model").path
+
+
+@pytest.fixture
+def free_port() -> Iterator[Callable[[], int]]:
+    """Return a function giving a free TCP port on 127.0.0.1, never the same one twice."""
+    given: set[int] = set()
+
+    def pick() -> int:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in given:
+                given.add(port)
+                return port
+
+    yield pick
