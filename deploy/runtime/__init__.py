@@ -1,0 +1,21 @@
+"""What runs on the hosts: FastChat 0.2.36 components, started and hardened by us.
+
+Each component is its own process, started as ``python -m deploy.runtime.<component>``:
+
+- ``controller``: FastChat's controller, plus ``POST /list_workers`` and an optional
+  allowlist for ``/register_worker``.
+- ``api_server``: FastChat's OpenAI-compatible server, with API keys read from a file or the
+  environment and enforced on every route but ``GET /health``, docs off, CORS off by default.
+- ``model_worker``: FastChat's transformers worker, with an explicit conversation template and
+  an optional client allowlist on the generation routes.
+
+Importing this package (or any module of it) imports neither FastChat nor torch: FastChat
+replaces ``sys.stdout``/``sys.stderr`` when its server modules load, so they are imported only
+inside the entry points' ``main()``. The patches FastChat needs are in :mod:`deploy.runtime.compat`.
+"""
+
+from __future__ import annotations
+
+from deploy.runtime.errors import ConfigFileError, PortUnavailable, StartupError
+
+__all__ = ["ConfigFileError", "PortUnavailable", "StartupError"]
