@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS := hf,serve,serve-hf,deploy,dev
+EXTRAS := hf,fastchat,serve,serve-hf,deploy,dev
 STAMP  := $(VENV)/.installed
 TINY   := .cache/models/toy-model
 PYTEST_ARGS ?=

@@ -1,20 +1,168 @@
-"""The ``llm-deploy`` command line: a thin layer over the library.
+"""The ``llm-deploy`` command line: a thin layer over :mod:`deploy.commands`.
 
-Exit codes: 0 ok, 1 failed (one line saying why), 2 usage error (click's own).
+Exit codes: 0 ok, 1 failed (one line saying why, after any details), 2 usage error (click's own).
+SPEC is a cluster spec file; without it, the embedded default (``configs/cluster/local.yaml``:
+everything on this machine, the tiny model on CPU) is used.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
+
+SPEC = click.argument("spec", required=False, type=click.Path(dir_okay=False, path_type=Path))
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn a DeployError into its details on stderr and a one-line click error (exit 1)."""
+    from deploy.errors import DeployError
+
+    try:
+        yield
+    except DeployError as exc:
+        first, *rest = str(exc).splitlines() or [type(exc).__name__]
+        for line in [*rest, *exc.details()]:
+            click.echo(line, err=True)
+        raise click.ClickException(first) from exc
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Piped output gets a wide line rather than rich's 80 columns: tables and command lines stay whole.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _load(spec: Path | None) -> Any:
+    from deploy.spec import load_cluster_spec
+
+    return load_cluster_spec(spec)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="agent-llm")
 def main() -> None:
     """Bring up FastChat serving clusters on your own hosts, and write the client config."""
+
+
+@main.command("plan")
+@SPEC
+@click.option("--offline", is_flag=True, help="Plan as if nothing ran, without reaching the hosts.")
+def plan_command(spec: Path | None, offline: bool) -> None:
+    """Print what `up` would do, per host; change nothing."""
+    from deploy import commands
+    from deploy.console import render_plan
+
+    with _user_errors():
+        cluster = _load(spec)
+        render_plan(cluster, commands.plan(cluster, offline=offline), _console())
+
+
+@main.command("up")
+@SPEC
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Where configs/llm/fschat.yaml, configs/llm/fschat/<model>.yaml and .env are written.",
+)
+@click.option("--no-client-config", is_flag=True, help="Do not write the client config.")
+def up_command(spec: Path | None, output_dir: Path, no_client_config: bool) -> None:
+    """Start the cluster, wait until it really serves, write the client config."""
+    from deploy import commands
+    from deploy.console import ConsoleReporter
+
+    console = _console()
+    start = time.monotonic()
+    with _user_errors():
+        reporter = ConsoleReporter(console)
+        with reporter.phase("validate spec") as phase:
+            cluster = _load(spec)
+            phase.detail = (
+                f"cluster {cluster.name}: {len(cluster.hosts)} host(s), {len(cluster.models)} model(s)"
+            )
+        result = commands.up(cluster, output_dir=None if no_client_config else output_dir, reporter=reporter)
+    verb = "is up" if result.plan else "was already up (nothing changed)"
+    console.print(
+        f"cluster {cluster.name} {verb} in {time.monotonic() - start:.1f}s: {result.server_ip}",
+        soft_wrap=True,
+    )
+    if result.client_config is not None:
+        for path in result.client_config.files:
+            console.print(
+                f"  {'wrote' if path in result.client_config.changed else 'kept '} {path}", soft_wrap=True
+            )
+    where = f" {spec}" if spec else ""
+    console.print(
+        f"next: llm-deploy status{where}  |  llm-deploy logs COMPONENT{where}  |  llm-deploy down{where}",
+        soft_wrap=True,
+    )
+
+
+@main.command("down")
+@SPEC
+def down_command(spec: Path | None) -> None:
+    """Stop every process of this cluster (only this cluster's); safe to repeat."""
+    from deploy import commands
+    from deploy.console import ConsoleReporter
+
+    with _user_errors():
+        cluster = _load(spec)
+        commands.down(cluster, reporter=ConsoleReporter(_console()))
+
+
+@main.command("status")
+@SPEC
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status_command(spec: Path | None, as_json: bool) -> None:
+    """Show every component: state, pid, uptime, models, queue length, and why anything is unhealthy.
+
+    Exits 1 when something is unhealthy.
+    """
+    from deploy import commands
+    from deploy.console import render_status
+
+    with _user_errors():
+        cluster = _load(spec)
+        result = commands.status(cluster)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        render_status(result, _console())
+    if not result.healthy:
+        bad = sum(not r.healthy for r in result.rows)
+        state = "is not running" if not result.running else f"has {bad} unhealthy component(s)"
+        raise click.ClickException(f"cluster {cluster.name} {state}")
+
+
+@main.command("logs")
+@click.argument("component")
+@SPEC
+@click.option(
+    "-n", "--lines", default=50, show_default=True, type=click.IntRange(min=1), help="Lines to show."
+)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what is appended (Ctrl-C stops).")
+def logs_command(component: str, spec: Path | None, lines: int, follow: bool) -> None:
+    """Print the log of COMPONENT (controller, api_server, worker-<model>-<i>)."""
+    from deploy import commands
+
+    with _user_errors():
+        cluster = _load(spec)
+        if not follow:
+            click.echo(commands.logs(cluster, component, lines=lines))
+            return
+        with contextlib.suppress(KeyboardInterrupt):
+            commands.follow_logs(cluster, component, lambda text: click.echo(text, nl=False), lines=lines)
 
 
 @main.command("tiny-model")

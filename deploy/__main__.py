@@ -1,0 +1,5 @@
+"""``python -m deploy``: the ``llm-deploy`` command line."""
+
+from deploy.cli import main
+
+main()

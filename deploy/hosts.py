@@ -1,0 +1,112 @@
+"""Reaching the cluster's hosts, and running one phase on all of them.
+
+:func:`connect` opens one connector per host (local subprocesses or SSH). :func:`on_hosts` runs
+a function for every host, in parallel, and returns host -> result; if any host failed it raises
+one :class:`~deploy.errors.PhaseFailed` carrying every host's outcome (Fabric's GroupResult), so
+a failure on one host never hides what happened on the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
+
+from deploy.commandlines import host_paths
+from deploy.connectors import Connector, LocalConnector
+from deploy.errors import DeployError, PhaseFailed
+from deploy.remote import HostAgent
+from deploy.spec import ClusterSpec, HostSpec
+from deploy.supervisor import Supervisor
+
+__all__ = ["Hosts", "connect", "on_hosts"]
+
+T = TypeVar("T")
+
+
+def connector_for(host: HostSpec) -> Connector:
+    """A connector for ``host``: local subprocesses, or SSH (``deploy.ssh``, imported lazily)."""
+    if host.is_local:
+        return LocalConnector(host.name)
+    from deploy.ssh import SSHConnector  # Fabric/paramiko load only when a host needs them.
+
+    return SSHConnector.from_spec(host)
+
+
+def on_hosts(phase: str, hosts: Iterable[str], fn: Callable[[str], T]) -> dict[str, T]:
+    """Run ``fn(host)`` for every host in parallel; host -> result, or one PhaseFailed with all outcomes."""
+    names = list(dict.fromkeys(hosts))
+    if not names:
+        return {}
+    outcomes: dict[str, T | DeployError] = {}
+    with ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+        futures = {name: pool.submit(fn, name) for name in names}
+        for name, future in futures.items():
+            try:
+                outcomes[name] = future.result()
+            except DeployError as exc:
+                outcomes[name] = exc
+    if any(isinstance(o, DeployError) for o in outcomes.values()):
+        raise PhaseFailed(phase, outcomes)
+    return outcomes  # type: ignore[return-value]
+
+
+@dataclasses.dataclass
+class Hosts:
+    """The connected hosts of one cluster: connectors, host agents, supervisors.
+
+    ``spec`` is the cluster spec with every host's home directory filled in, so ``~/`` paths
+    resolve per host.
+    """
+
+    spec: ClusterSpec
+    connectors: dict[str, Connector]
+    agents: dict[str, HostAgent]
+    supervisors: dict[str, Supervisor]
+
+    @property
+    def head(self) -> HostAgent:
+        """The host agent of the head host (the controller's)."""
+        return self.agents[self.spec.controller.host]
+
+    def close(self) -> None:
+        """Close every connector."""
+        for connector in self.connectors.values():
+            connector.close()
+
+
+@contextmanager
+def connect(spec: ClusterSpec, *, connectors: Mapping[str, Connector] | None = None) -> Iterator[Hosts]:
+    """Connect to every host (in parallel) and learn their home directories.
+
+    Args:
+        spec: The cluster spec.
+        connectors: Ready connectors by host name (tests); the others are opened here.
+    """
+    given = dict(connectors or {})
+    opened: dict[str, Connector] = {}
+
+    def open_one(name: str) -> str:
+        host = spec.host(name)
+        connector = given.get(name) or connector_for(host)
+        opened[name] = connector
+        if host.home:
+            return host.home
+        home: str = HostAgent(connector, host.python).one({"op": "home"})["home"]
+        return home
+
+    try:
+        homes = on_hosts("connect", [h.name for h in spec.hosts], open_one)
+        spec = dataclasses.replace(
+            spec, hosts=tuple(dataclasses.replace(h, home=homes[h.name]) for h in spec.hosts)
+        )
+        agents = {h.name: HostAgent(opened[h.name], h.python) for h in spec.hosts}
+        supervisors = {h.name: Supervisor(agents[h.name], host_paths(h)) for h in spec.hosts}
+        hosts = Hosts(spec, dict(opened), agents, supervisors)
+        yield hosts
+    finally:
+        for name, connector in opened.items():
+            if name not in given:
+                connector.close()

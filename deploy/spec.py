@@ -1,0 +1,243 @@
+"""The cluster spec: what should run where, validated once when it is loaded.
+
+``load_cluster_spec(path)`` reads the yaml and returns a frozen :class:`ClusterSpec`; every
+problem raises :class:`~deploy.errors.SpecError` naming the yaml path of the offending key
+(``models[0].replicas[1].port: must be 1-65535``). Unknown keys are errors. The format, with the
+embedded default, is documented in ``docs/deploy.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from deploy.errors import SpecError
+from deploy.yamlreader import Node
+
+__all__ = [
+    "DEFAULT_API_PORT",
+    "DEFAULT_CONTROLLER_PORT",
+    "DEFAULT_WORKER_PORT",
+    "WORKER_KINDS",
+    "ApiServerSpec",
+    "ClusterSpec",
+    "ControllerSpec",
+    "HostSpec",
+    "ModelSpec",
+    "ReplicaSpec",
+    "SSHSpec",
+    "SupervisionSpec",
+    "TimeoutsSpec",
+    "default_spec_text",
+    "deploy_home",
+    "load_cluster_spec",
+    "parse_cluster_spec",
+]
+
+DEFAULT_CONTROLLER_PORT = 21001
+DEFAULT_API_PORT = 8000
+DEFAULT_WORKER_PORT = 31020
+WORKER_KINDS = ("hf", "vllm", "fastchat-vllm")
+DEVICES = ("cpu", "cuda", "mps", "xpu", "npu")
+DISPATCH_METHODS = ("shortest_queue", "lottery")
+EngineValue = str | int | float | bool | tuple[str | int | float, ...]
+
+
+def deploy_home() -> Path:
+    """Where llm-deploy keeps local state (locks, default state dirs): ``$LLM_DEPLOY_HOME``."""
+    return Path(os.environ.get("LLM_DEPLOY_HOME") or "~/.local/state/llm-deploy").expanduser()
+
+
+@dataclass(frozen=True)
+class SSHSpec:
+    """How to reach a host over SSH (implemented by ``deploy.ssh``)."""
+
+    hostname: str | None = None
+    user: str | None = None
+    port: int = 22
+    key_file: str | None = None
+    jump: str | None = None
+    strict_host_key_checking: bool = True
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """One machine of the cluster.
+
+    ``address`` is the cluster-internal address: components bind it and advertise it.
+    ``home`` is the home directory on the host, used to resolve ``~/`` paths; it is known at
+    load time for local hosts and filled in after connecting for SSH hosts.
+    """
+
+    name: str
+    address: str
+    connect: Literal["local", "ssh"]
+    python: str
+    state_dir: str
+    ssh: SSHSpec | None = None
+    home: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the host is reached with local subprocesses."""
+        return self.connect == "local"
+
+    def path(self, value: str) -> str:
+        """``value`` with a leading ``~/`` resolved against this host's home."""
+        if self.home and (value == "~" or value.startswith("~/")):
+            return self.home + value[1:]
+        return value
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    """The FastChat controller (one per cluster)."""
+
+    host: str
+    port: int
+    bind: str
+    dispatch: str
+    heartbeat_expiration: int
+    heartbeat_interval: int
+
+
+@dataclass(frozen=True)
+class ApiServerSpec:
+    """The OpenAI-compatible API server (one per cluster).
+
+    ``address`` is what clients use in ``server_ip``; ``bind`` is what the server listens on.
+    """
+
+    host: str
+    port: int
+    bind: str
+    address: str
+    key_enabled: bool
+    key_env_var: str
+    allowed_origins: tuple[str, ...]
+    worker_timeout: int | None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL clients use."""
+        return f"http://{self.address}:{self.port}/v1"
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """One worker process of a model."""
+
+    host: str
+    port: int
+    gpus: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model and its replicas.
+
+    ``source: tiny`` means: build the tiny offline test model at ``path`` when it is missing.
+    """
+
+    name: str
+    path: str
+    kind: str
+    conv_template: str
+    device: str
+    replicas: tuple[ReplicaSpec, ...]
+    engine_args: tuple[tuple[str, EngineValue], ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class TimeoutsSpec:
+    """Deadlines of the readiness ladder, in seconds."""
+
+    start: float = 60.0
+    load: float = 900.0
+    register: float = 60.0
+    serve: float = 120.0
+
+
+@dataclass(frozen=True)
+class SupervisionSpec:
+    """How supervisord runs the components."""
+
+    stop_grace: int = 15
+    start_secs: int = 10
+    start_retries: int = 3
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 5
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """The whole cluster; ``source`` is the file it came from."""
+
+    name: str
+    hosts: tuple[HostSpec, ...]
+    controller: ControllerSpec
+    api_server: ApiServerSpec
+    models: tuple[ModelSpec, ...]
+    timeouts: TimeoutsSpec = TimeoutsSpec()
+    supervision: SupervisionSpec = SupervisionSpec()
+    source: str | None = None
+
+    def host(self, name: str) -> HostSpec:
+        """The host named ``name``."""
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(name)
+
+    @property
+    def head(self) -> HostSpec:
+        """The controller's host: probes of private ports run there."""
+        return self.host(self.controller.host)
+
+
+def default_spec_text() -> str:
+    """The embedded default spec (identical to ``configs/cluster/local.yaml``)."""
+    return resources.files("deploy").joinpath("default_cluster.yaml").read_text(encoding="utf-8")
+
+
+def load_cluster_spec(path: str | Path | None) -> ClusterSpec:
+    """Read and validate a cluster spec file.
+
+    Args:
+        path: The yaml file, or None for the embedded default, which is read as if it were
+            ``configs/cluster/local.yaml`` in the current directory.
+
+    Raises:
+        SpecError: naming the yaml path of the first problem.
+    """
+    if path is None:
+        text, source, base = default_spec_text(), "<default local.yaml>", Path.cwd() / "configs" / "cluster"
+    else:
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SpecError("", f"cannot read the spec: {exc.strerror or exc}", source=str(file)) from exc
+        source, base = str(file), file.resolve().parent
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise SpecError("", f"not valid yaml: {where}{getattr(exc, 'problem', exc)}", source=source) from exc
+    return parse_cluster_spec(data, base_dir=base, source=source)
+
+
+def parse_cluster_spec(data: object, *, base_dir: Path, source: str | None = None) -> ClusterSpec:
+    """Validate parsed yaml into a :class:`ClusterSpec` (relative paths resolve against ``base_dir``)."""
+    from deploy.specparse import parse
+
+    return parse(Node(data, "", source), base_dir=base_dir, local_python=sys.executable)

@@ -1,0 +1,107 @@
+"""The CLI in-process: exit codes (0 ok, 1 failed with one line, 2 usage), plan output, spec errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from deploy_helpers import spec_data
+
+from deploy.cli import main
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(main, list(args))
+
+
+def write_spec(tmp_path: Path, data: dict) -> str:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_plan_offline_prints_every_action_per_host_with_command_lines() -> None:
+    result = invoke("plan", "--offline", str(REPO / "configs/cluster/local.yaml"))
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "cluster local: 4 action(s)" in out
+    assert "start controller on 127.0.0.1:21001" in out
+    assert "$ " in out and "deploy.runtime.model_worker" in out and "--api-keys-file" in out
+    assert out.index("start controller") < out.index("start api_server") < out.index("start worker-tiny-0")
+
+
+def test_plan_masks_secrets_in_command_lines(tmp_path: Path) -> None:
+    data = spec_data(state_dir=str(tmp_path / "s"))
+    data["models"][0]["engine_args"] = {"api_key": "sekrit-value"}
+    result = invoke("plan", "--offline", write_spec(tmp_path, data))
+    assert result.exit_code == 0, result.output
+    assert "sekrit-value" not in result.output and "--api-key ****" in result.output
+
+
+@pytest.mark.parametrize("command", ["plan", "up", "down", "status"])
+def test_a_bad_spec_exits_1_with_one_line_naming_the_yaml_path(tmp_path: Path, command: str) -> None:
+    data = spec_data(state_dir=str(tmp_path / "s"))
+    data["models"][0]["replicas"][0]["port"] = 99999
+    path = write_spec(tmp_path, data)
+    result = invoke(command, path)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {path}: models[0].replicas[0].port: must be 1-65535 (got 99999)"
+    )
+    assert not (tmp_path / "s").exists()  # nothing was started or written
+
+
+def test_unknown_keys_are_errors(tmp_path: Path) -> None:
+    data = spec_data()
+    data["api_server"]["keys"] = {"enabled": True}
+    result = invoke("plan", "--offline", write_spec(tmp_path, data))
+    assert result.exit_code == 1 and "api_server.keys: unknown key" in result.output
+
+
+def test_usage_errors_exit_2() -> None:
+    assert invoke("up", "--no-such-flag").exit_code == 2
+    assert invoke("logs").exit_code == 2
+    assert invoke("frobnicate").exit_code == 2
+
+
+def test_logs_of_an_unknown_component_names_the_components(tmp_path: Path) -> None:
+    data = spec_data(state_dir=str(tmp_path / "s"))
+    result = invoke("logs", "worker-nope-0", write_spec(tmp_path, data))
+    assert result.exit_code == 1
+    assert (
+        "no component 'worker-nope-0' in cluster 't' (components: controller, api_server, worker-tiny-0)"
+        in (result.output)
+    )
+
+
+def test_status_and_down_of_a_cluster_that_never_ran(tmp_path: Path) -> None:
+    data = spec_data(state_dir=str(tmp_path / "s"))
+    data["hosts"]["local"].pop("python")  # this interpreter: it has deploy and supervisor
+    path = write_spec(tmp_path, data)
+    status = invoke("status", path, "--json")
+    assert status.exit_code == 1
+    assert '"state": "DOWN"' in status.output and status.output.strip().endswith(
+        "Error: cluster t is not running"
+    )
+    down = invoke("down", path)
+    assert down.exit_code == 0 and "nothing was running" in down.output
+
+
+def test_the_package_exports_what_all_names() -> None:
+    import deploy
+
+    assert all(getattr(deploy, name) is not None for name in deploy.__all__)
+
+
+def test_importing_deploy_for_the_host_agent_stays_light() -> None:
+    import subprocess
+    import sys
+
+    heavy = ("yaml", "rich", "click", "fabric")
+    code = f"import sys, deploy.hostagent; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -1,0 +1,93 @@
+"""The command-line builder: flags, secrets, allowlist files, unsupported kinds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from deploy_helpers import spec_data
+
+from deploy.commandlines import build_components, engine_flags, mask_secrets
+from deploy.errors import SpecError
+from deploy.spec import ClusterSpec, parse_cluster_spec
+
+
+def test_components_come_in_start_order(spec: ClusterSpec) -> None:
+    assert [c.name for c in build_components(spec)] == ["controller", "api_server", "worker-tiny-0"]
+
+
+def test_the_api_key_never_appears_only_its_file(spec: ClusterSpec) -> None:
+    api = build_components(spec, api_key_digest="abc")[1]
+    assert "--api-keys-file" in api.argv and "--api-keys" not in api.argv
+    assert api.argv[api.argv.index("--api-keys-file") + 1] == "/srv/llm/t/api_keys"
+
+
+def test_a_key_digest_changes_only_the_api_servers_fingerprint(spec: ClusterSpec) -> None:
+    before, after = build_components(spec), build_components(spec, api_key_digest="abc")
+    assert [b.fingerprint == a.fingerprint for b, a in zip(before, after, strict=True)] == [True, False, True]
+
+
+def test_the_controller_accepts_exactly_the_specs_workers(spec: ClusterSpec) -> None:
+    controller, _, worker = build_components(spec)
+    (allowed,) = controller.files
+    assert json.loads(allowed.content) == {"workers": ["http://127.0.0.1:41003"], "hosts": ["127.0.0.1"]}
+    assert allowed.mode == 0o600
+    (clients,) = worker.files
+    assert json.loads(clients.content) == {"hosts": ["127.0.0.1"]}
+
+
+def test_host_names_instead_of_ips_leave_the_ip_allowlists_out() -> None:
+    data = spec_data()
+    data["hosts"]["local"]["address"] = "localhost"
+    controller, _, worker = build_components(parse_cluster_spec(data, base_dir=Path("/")))
+    assert "hosts" not in json.loads(controller.files[0].content)
+    assert "--allowed-clients-file" not in worker.argv
+
+
+def test_engine_flags() -> None:
+    args = (
+        ("max_model_len", 4096),
+        ("enforce_eager", True),
+        ("trust_remote_code", False),
+        ("stop", ("a", 1)),
+    )
+    assert engine_flags(args) == ["--max-model-len", "4096", "--enforce-eager", "--stop", "a", "1"]
+
+
+def test_mask_secrets() -> None:
+    assert mask_secrets(["x", "--api-keys", "s3cret", "--api-key=s3cret", "--token", "t"]) == (
+        "x --api-keys **** --api-key=**** --token ****"
+    )
+
+
+def test_model_env_overrides_the_defaults(spec: ClusterSpec) -> None:
+    model = dataclasses.replace(spec.models[0], env=(("HF_HUB_OFFLINE", "0"), ("EXTRA", "1")))
+    worker = build_components(dataclasses.replace(spec, models=(model,)))[2]
+    env = dict(worker.env)
+    assert (env["HF_HUB_OFFLINE"], env["EXTRA"]) == ("0", "1")
+
+
+@pytest.mark.parametrize("kind", ["vllm", "fastchat-vllm"])
+def test_kinds_not_yet_supported_are_refused_naming_the_model(kind: str) -> None:
+    data = spec_data()
+    data["models"][0]["kind"] = kind
+    spec = parse_cluster_spec(data, base_dir=Path("/"), source="s.yaml")
+    with pytest.raises(
+        SpecError, match=rf"s.yaml: models\[0\].kind: worker kind '{kind}' is not supported yet"
+    ):
+        build_components(spec)
+
+
+def test_tilde_paths_resolve_against_the_hosts_home() -> None:
+    data = spec_data(state_dir="/tmp/x")
+    data["hosts"]["gpu"] = {"connect": "ssh", "address": "10.0.0.2", "python": "python3"}
+    data["models"][0]["path"] = "~/models/tiny"
+    data["models"][0]["replicas"] = [{"host": "gpu"}]
+    spec = parse_cluster_spec(data, base_dir=Path("/"))
+    gpu = dataclasses.replace(spec.host("gpu"), home="/home/llm")
+    spec = dataclasses.replace(spec, hosts=(spec.host("local"), gpu))
+    worker = build_components(spec)[2]
+    assert worker.argv[worker.argv.index("--model-path") + 1] == "/home/llm/models/tiny"
+    assert worker.files[0].path == "/home/llm/.local/state/llm-deploy/t/worker-tiny-0-allowed-clients.json"
