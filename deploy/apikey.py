@@ -1,31 +1,32 @@
-"""The cluster's API key: generated at the first ``up``, kept on the API host, reused afterwards.
+"""The cluster's API keys on the API server's host: read, written (0600), and where they live.
 
-``up`` generates it (``secrets.token_urlsafe``) when the file is missing and writes it with the
-API host's state files.
-
-It lives in ``<state_dir>/api_keys`` on the API server's host (mode 0600, one key per line, the
-format ``--api-keys-file`` reads). It never appears in argv, logs or error messages; only its
-digest enters the API server's fingerprint, so a new key restarts the server.
+``up`` generates the ``default`` key (``secrets.token_urlsafe(32)``) when the store is missing
+and writes it with the API host's state files; later runs reuse it. The store's format and the
+named-key rules are in :mod:`deploy.keys`. Keys never appear in argv, logs or error messages;
+only :attr:`~deploy.keys.KeyStore.digest` enters the API server's fingerprint, so a changed
+store restarts the server.
 """
 
 from __future__ import annotations
 
-import hashlib
-
+from deploy.commandlines import host_paths
+from deploy.keys import KeyStore, key_digest
 from deploy.remote import HostAgent
+from deploy.spec import ClusterSpec
 
-__all__ = ["key_digest", "read_api_key"]
+__all__ = ["key_digest", "key_store_path", "read_api_key", "read_key_store"]
 
 
-def key_digest(key: str | None) -> str:
-    """A short digest that changes with the key and reveals nothing about it."""
-    return hashlib.sha256(key.encode()).hexdigest()[:12] if key else ""
+def key_store_path(spec: ClusterSpec) -> str:
+    """The key store's path on the API server's host."""
+    return host_paths(spec.host(spec.api_server.host)).api_keys
+
+
+def read_key_store(agent: HostAgent, path: str) -> KeyStore:
+    """The key store at ``path`` on the agent's host (empty when the file does not exist)."""
+    return KeyStore.parse(agent.read(path))
 
 
 def read_api_key(agent: HostAgent, path: str) -> str | None:
-    """The first key in the file at ``path`` on the host, or None when there is none."""
-    text = agent.read(path)
-    if not text:
-        return None
-    keys = [line.strip() for line in text.splitlines() if line.strip()]
-    return keys[0] if keys else None
+    """The ``default`` key in the store at ``path`` on the host, or None when there is none."""
+    return read_key_store(agent, path).default

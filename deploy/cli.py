@@ -23,15 +23,19 @@ SPEC = click.argument("spec", required=False, type=click.Path(dir_okay=False, pa
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn a DeployError into its details on stderr and a one-line click error (exit 1)."""
+    """Turn a DeployError into its details on stderr and a one-line click error (exit 1).
+
+    Every line is masked with the API keys this process held (:func:`deploy.keys.mask_known`).
+    """
     from deploy.errors import DeployError
+    from deploy.keys import mask_known
 
     try:
         yield
     except DeployError as exc:
-        first, *rest = str(exc).splitlines() or [type(exc).__name__]
+        first, *rest = mask_known(str(exc)).splitlines() or [type(exc).__name__]
         for line in [*rest, *exc.details()]:
-            click.echo(line, err=True)
+            click.echo(mask_known(line), err=True)
         raise click.ClickException(first) from exc
 
 
@@ -93,6 +97,8 @@ def up_command(spec: Path | None, output_dir: Path, no_client_config: bool) -> N
             )
         result = commands.up(cluster, output_dir=None if no_client_config else output_dir, reporter=reporter)
     verb = "is up" if result.plan else "was already up (nothing changed)"
+    if result.left_out:
+        verb = f"is up DEGRADED ({len(result.left_out)} host(s) left out)"
     console.print(
         f"cluster {cluster.name} {verb} in {time.monotonic() - start:.1f}s: {result.server_ip}",
         soft_wrap=True,
@@ -102,11 +108,34 @@ def up_command(spec: Path | None, output_dir: Path, no_client_config: bool) -> N
             console.print(
                 f"  {'wrote' if path in result.client_config.changed else 'kept '} {path}", soft_wrap=True
             )
+    for line in result.left_out:
+        console.print(f"  left out: {line}", soft_wrap=True)
     where = f" {spec}" if spec else ""
     console.print(
         f"next: llm-deploy status{where}  |  llm-deploy logs COMPONENT{where}  |  llm-deploy down{where}",
         soft_wrap=True,
     )
+
+
+@main.command("doctor")
+@SPEC
+def doctor_command(spec: Path | None) -> None:
+    """Check every host and the paths between them against the spec; exit 1 if any check fails.
+
+    Per host: SSH, runtime python and packages, model paths, ports, GPUs, disk, clock. Across
+    hosts: worker hosts reach the controller, the head reaches every worker. One fix per ✗.
+    """
+    from deploy import commands
+
+    console = _console()
+    with _user_errors():
+        cluster = _load(spec)
+        report = commands.doctor(cluster)
+    for line in report.lines():
+        console.print(line, soft_wrap=True)
+    if not report.ok:
+        raise click.ClickException(f"doctor: {report.summary()} for cluster {cluster.name}")
+    console.print(f"doctor: {report.summary()} for cluster {cluster.name}", soft_wrap=True)
 
 
 @main.command("down")
@@ -145,6 +174,34 @@ def status_command(spec: Path | None, as_json: bool) -> None:
         raise click.ClickException(f"cluster {cluster.name} {state}")
 
 
+@main.command("watch")
+@SPEC
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), help="Seconds between checks (spec: watch.interval)."
+)
+@click.option("--webhook", help="POST each change as JSON to this URL (spec: watch.webhook).")
+@click.option(
+    "--count", type=click.IntRange(min=1), help="Stop after this many checks (default: until Ctrl-C)."
+)
+def watch_command(spec: Path | None, interval: float | None, webhook: str | None, count: int | None) -> None:
+    """Keep checking the cluster; print every component's state change and send it to the webhook.
+
+    An event is JSON: cluster, component, host, old_state, new_state, reason, time.
+    """
+    from deploy import commands
+
+    with _user_errors():
+        cluster = _load(spec)
+        with contextlib.suppress(KeyboardInterrupt):
+            commands.watch(
+                cluster,
+                emit=lambda line: click.echo(line),
+                interval=interval,
+                webhook=webhook,
+                count=count,
+            )
+
+
 @main.command("logs")
 @click.argument("component")
 @SPEC
@@ -163,6 +220,126 @@ def logs_command(component: str, spec: Path | None, lines: int, follow: bool) ->
             return
         with contextlib.suppress(KeyboardInterrupt):
             commands.follow_logs(cluster, component, lambda text: click.echo(text, nl=False), lines=lines)
+
+
+_OUTPUT_DIR = click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Where the client config and .env are (rewritten when the default key changes).",
+)
+_KEY_FILE = click.option(
+    "--key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the new key to this file (mode 0600) instead of printing it once.",
+)
+
+
+def _hand_over_key(name: str, key: str | None, key_file: Path | None) -> None:
+    """Give the user a new key: into ``key_file`` (0600), or printed once on stdout."""
+    if key is None:
+        return
+    if key_file is not None:
+        from deploy.secretfiles import write_secret_file
+
+        write_secret_file(key_file, f"{key}\n")
+        click.echo(f"key {name!r} written to {key_file} (mode 0600)")
+    else:
+        click.echo(f"key {name!r} (shown once; store it now): {key}")
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """The cluster's named API keys (one per user or agent): list, add, remove."""
+
+
+@keys_group.command("list")
+@SPEC
+def keys_list(spec: Path | None) -> None:
+    """Print each key's name and digest (never the key)."""
+    from deploy import keyring
+
+    with _user_errors():
+        cluster = _load(spec)
+        for name, digest in keyring.list_keys(cluster):
+            click.echo(f"{name}\tsha256:{digest}")
+
+
+@keys_group.command("add")
+@click.argument("name")
+@SPEC
+@_KEY_FILE
+def keys_add(name: str, spec: Path | None, key_file: Path | None) -> None:
+    """Add a new random key NAME; restarts only the API server."""
+    from deploy import keyring
+    from deploy.console import ConsoleReporter
+
+    with _user_errors():
+        cluster = _load(spec)
+        change = keyring.add_key(cluster, name, reporter=ConsoleReporter(_console()))
+        _hand_over_key(name, change.key, key_file)
+
+
+@keys_group.command("remove")
+@click.argument("name")
+@SPEC
+def keys_remove(name: str, spec: Path | None) -> None:
+    """Remove the key NAME (not 'default'); restarts only the API server."""
+    from deploy import keyring
+    from deploy.console import ConsoleReporter
+
+    with _user_errors():
+        cluster = _load(spec)
+        keyring.remove_key(cluster, name, reporter=ConsoleReporter(_console()))
+        click.echo(f"key {name!r} removed")
+
+
+@main.command("rotate-key")
+@SPEC
+@click.option("--name", default="default", show_default=True, help="The key to replace.")
+@_OUTPUT_DIR
+@_KEY_FILE
+def rotate_key_command(spec: Path | None, name: str, output_dir: Path, key_file: Path | None) -> None:
+    """Replace a key with a new random one; restarts only the API server.
+
+    The default key is written to OUTPUT_DIR/.env (mode 0600, replaced atomically) and not
+    printed; another key is printed once (or written to --key-file).
+    """
+    from deploy import keyring
+    from deploy.console import ConsoleReporter
+
+    with _user_errors():
+        cluster = _load(spec)
+        reporter = ConsoleReporter(_console())
+        change = keyring.rotate_key(cluster, name, output_dir=output_dir, reporter=reporter)
+        if name == "default":
+            click.echo(f"key 'default' rotated; the API server serves with it; {output_dir / '.env'} updated")
+        else:
+            _hand_over_key(name, change.key, key_file)
+
+
+@main.command("inventory")
+@SPEC
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the inventory here (mode 0600) instead of printing it.",
+)
+def inventory_command(spec: Path | None, output: Path | None) -> None:
+    """Write the Ansible inventory of the cluster (groups head and workers) for ansible/site.yml."""
+    from deploy.inventory import inventory_for_file
+
+    with _user_errors():
+        text = inventory_for_file(spec)
+        if output is None:
+            click.echo(text, nl=False)
+        else:
+            from deploy.secretfiles import write_secret_file
+
+            write_secret_file(output, text)
+            click.echo(f"inventory of {len(_load(spec).hosts)} host(s) written to {output}")
 
 
 @main.command("tiny-model")

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from deploy import vllm
 from deploy.errors import SpecError
 from deploy.spec import ClusterSpec, EngineValue, HostSpec, ModelSpec
 
@@ -30,8 +31,9 @@ __all__ = [
     "worker_name",
 ]
 
-Role = Literal["controller", "api_server", "worker"]
-SUPPORTED_KINDS = ("hf",)
+# An "engine" is a process behind a worker on the same host (``vllm serve`` behind the bridge):
+# it listens on loopback only, so nothing probes it from the head host.
+Role = Literal["controller", "api_server", "worker", "engine"]
 _SECRET_FLAGS = ("--api-keys", "--api-key", "--token")
 
 
@@ -117,11 +119,14 @@ class Component:
     model: str | None = None
     gpus: tuple[int, ...] = ()
     secret_digest: str = field(default="", repr=False)
+    # The API server with TLS: https, and the certificate probes trust (a path on its host).
+    scheme: str = "http"
+    ca_file: str | None = None
 
     @property
     def url(self) -> str:
         """The URL other components use to reach this one."""
-        return f"http://{self.address}:{self.port}"
+        return f"{self.scheme}://{self.address}:{self.port}"
 
     @property
     def command_line(self) -> str:
@@ -185,18 +190,18 @@ def build_components(spec: ClusterSpec, *, api_key_digest: str = "") -> list[Com
         api_key_digest: A digest of the current API key (see :attr:`Component.secret_digest`).
 
     Raises:
-        SpecError: a model uses a worker kind this version cannot start yet.
+        SpecError: an engine argument is unknown to the model's worker kind, reserved, or invalid
+            (path ``models[i].engine_args.<key>``).
     """
     components = [_controller(spec), _api_server(spec, api_key_digest)]
     for i, model in enumerate(spec.models):
-        if model.kind not in SUPPORTED_KINDS:
-            raise SpecError(
-                f"models[{i}].kind",
-                f"worker kind {model.kind!r} is not supported yet by llm-deploy (supported: "
-                f"{', '.join(SUPPORTED_KINDS)})",
-                source=spec.source,
-            )
-        components += [_hf_worker(spec, model, j) for j in range(len(model.replicas))]
+        for j in range(len(model.replicas)):
+            try:
+                components += _WORKERS[model.kind](spec, model, j)
+            except SpecError as exc:
+                if exc.source:  # already names its full yaml path
+                    raise
+                raise SpecError(f"models[{i}].{exc.path}", exc.problem, source=spec.source) from exc
     return components
 
 
@@ -215,9 +220,7 @@ def _controller(spec: ClusterSpec) -> Component:
     allowed = host_paths(host).file("controller-allowed-workers.json")
     workers = [f"http://{spec.host(r.host).address}:{r.port}" for m in spec.models for r in m.replicas]
     content: dict[str, list[str]] = {"workers": sorted(set(workers))}
-    ips = _ips(spec.host(r.host).address for m in spec.models for r in m.replicas)
-    if ips is not None:
-        content["hosts"] = ips
+    content["hosts"] = _addresses(spec.host(r.host).address for m in spec.models for r in m.replicas)
     argv = [
         *_python(host, "deploy.runtime.controller"),
         *("--host", c.bind, "--port", str(c.port)),
@@ -225,6 +228,9 @@ def _controller(spec: ClusterSpec) -> Component:
         *("--heartbeat-expiration", str(c.heartbeat_expiration)),
         *("--allowed-workers-file", allowed),
     ]
+    if spec.health.active_check_interval > 0:
+        argv += ["--active-check-interval", f"{spec.health.active_check_interval:g}"]
+        argv += ["--active-check-timeout", f"{spec.health.active_check_timeout:g}"]
     return Component(
         name="controller",
         role="controller",
@@ -257,6 +263,8 @@ def _api_server(spec: ClusterSpec, api_key_digest: str) -> Component:
         argv += ["--allowed-origins", *a.allowed_origins]
     if a.worker_timeout is not None:
         argv += ["--worker-timeout", str(a.worker_timeout)]
+    if a.tls_cert and a.tls_key:
+        argv += ["--ssl-certfile", host.path(a.tls_cert), "--ssl-keyfile", host.path(a.tls_key)]
     return Component(
         name="api_server",
         role="api_server",
@@ -267,59 +275,157 @@ def _api_server(spec: ClusterSpec, api_key_digest: str) -> Component:
         argv=tuple(argv),
         env=tuple(_base_env(spec, "api_server")),
         secret_digest=api_key_digest if a.key_enabled else "",
+        scheme=a.scheme,
+        ca_file=host.path(a.tls_cert) if a.tls_cert else None,
     )
 
 
-def _hf_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> Component:
+@dataclass(frozen=True)
+class _Replica:
+    """What every worker kind needs to know about one replica."""
+
+    host: HostSpec
+    name: str
+    port: int
+    gpus: tuple[int, ...]
+    url: str
+    allowed_clients: HostFile | None
+
+
+def _replica(spec: ClusterSpec, model: ModelSpec, index: int) -> _Replica:
     replica = model.replicas[index]
     host = spec.host(replica.host)
     name = worker_name(model, index)
+    clients = _addresses([spec.host(spec.controller.host).address, spec.host(spec.api_server.host).address])
+    path = host_paths(host).file(f"{name}-allowed-clients.json")
+    allowed = HostFile(path, json.dumps({"hosts": clients}, indent=2) + "\n", 0o600)
     url = f"http://{host.address}:{replica.port}"
-    argv = [
-        *_python(host, "deploy.runtime.model_worker"),
-        *("--host", host.address, "--port", str(replica.port)),
-        *("--worker-address", url, "--controller-address", controller_url(spec)),
-        *("--model-path", host.path(model.path), "--model-names", model.name),
-        *("--conv-template", model.conv_template, "--device", model.device),
-    ]
-    if replica.gpus:
-        argv += ["--num-gpus", str(len(replica.gpus))]
-    argv += ["--heartbeat-interval", str(spec.controller.heartbeat_interval)]
-    files: tuple[HostFile, ...] = ()
-    clients = _ips([spec.host(spec.controller.host).address, spec.host(spec.api_server.host).address])
-    if clients is not None:
-        allowed = host_paths(host).file(f"{name}-allowed-clients.json")
-        files = (HostFile(allowed, json.dumps({"hosts": clients}, indent=2) + "\n", 0o600),)
-        argv += ["--allowed-clients-file", allowed]
-    argv += engine_flags(model.engine_args)
-    env = [*_base_env(spec, name), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")]
-    # Pin the worker to its GPUs; a CPU worker sees none, so it cannot grab one by accident.
-    env.append(("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in replica.gpus)))
-    env += list(model.env)
+    return _Replica(host, name, replica.port, replica.gpus, url, allowed)
+
+
+def _worker(
+    spec: ClusterSpec,
+    model: ModelSpec,
+    r: _Replica,
+    argv: list[str],
+    env: list[tuple[str, str]],
+    files: tuple[HostFile, ...] = (),
+    *,
+    uses_gpus: bool = True,
+) -> Component:
+    env = [*_base_env(spec, r.name), *env, *model.env]  # a model's env overrides our defaults
     return Component(
-        name=name,
+        name=r.name,
         role="worker",
-        host=host.name,
-        bind=host.address,
-        address=host.address,
-        port=replica.port,
+        host=r.host.name,
+        bind=r.host.bind_address,
+        address=r.host.address,
+        port=r.port,
         argv=tuple(argv),
         env=tuple(_dedupe(env)),
         files=files,
         model=model.name,
-        gpus=replica.gpus,
+        gpus=r.gpus if uses_gpus else (),
     )
 
 
-def _ips(addresses: Iterable[str]) -> list[str] | None:
-    """The addresses as sorted unique IPs; None when one is a host name (it cannot be matched)."""
-    ips: set[str] = set()
+def _hf_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Component]:
+    r = _replica(spec, model, index)
+    argv = [
+        *_python(r.host, "deploy.runtime.model_worker"),
+        *("--host", r.host.bind_address, "--port", str(r.port)),
+        *("--worker-address", r.url, "--controller-address", controller_url(spec)),
+        *("--model-path", r.host.path(model.path), "--model-names", model.name),
+        *("--conv-template", model.conv_template, "--device", model.device),
+    ]
+    if r.gpus:
+        argv += ["--num-gpus", str(len(r.gpus))]
+    argv += ["--heartbeat-interval", str(spec.controller.heartbeat_interval)]
+    if r.allowed_clients:
+        argv += ["--allowed-clients-file", r.allowed_clients.path]
+    argv += engine_flags(model.engine_args)
+    # Pin the worker to its GPUs; a CPU worker sees none, so it cannot grab one by accident.
+    env = [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")]
+    env.append(("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in r.gpus)))
+    files = (r.allowed_clients,) if r.allowed_clients else ()
+    return [_worker(spec, model, r, argv, env, files)]
+
+
+def _vllm_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Component]:
+    """``vllm serve`` on a loopback port, and the bridge worker in front of it on the replica's port."""
+    r = _replica(spec, model, index)
+    internal = vllm.internal_port(r.port)
+    serve = vllm.vllm_serve_command(
+        python=r.host.python,
+        model_path=r.host.path(model.path),
+        served_name=model.name,
+        port=internal,
+        engine_args=model.engine_args,
+        gpus=r.gpus,
+    )
+    engine_name = f"{r.name}-vllm"
+    engine = Component(
+        name=engine_name,
+        role="engine",
+        host=r.host.name,
+        bind="127.0.0.1",
+        address="127.0.0.1",
+        port=internal,
+        argv=serve.argv,
+        env=tuple(_dedupe([*_base_env(spec, engine_name), *serve.env, *model.env])),
+        model=model.name,
+        gpus=r.gpus,
+    )
+    bridge = vllm.bridge_command(
+        python=r.host.python,
+        upstream_port=internal,
+        model_name=model.name,
+        conv_template=model.conv_template,
+        host=r.host.bind_address,
+        port=r.port,
+        worker_address=r.url,
+        controller_address=controller_url(spec),
+        heartbeat_interval=spec.controller.heartbeat_interval,
+        allowed_clients_file=r.allowed_clients.path if r.allowed_clients else None,
+    )
+    files = (r.allowed_clients,) if r.allowed_clients else ()
+    return [engine, _worker(spec, model, r, list(bridge), [], files, uses_gpus=False)]
+
+
+def _fastchat_vllm_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Component]:
+    """FastChat's own ``vllm_worker`` (vLLM 0.2.7-0.6.2 only; ``doctor`` checks the host's version)."""
+    r = _replica(spec, model, index)
+    command = vllm.fastchat_vllm_command(
+        python=r.host.python,
+        model_path=r.host.path(model.path),
+        model_name=model.name,
+        conv_template=model.conv_template,
+        host=r.host.bind_address,
+        port=r.port,
+        worker_address=r.url,
+        controller_address=controller_url(spec),
+        engine_args=model.engine_args,
+        gpus=r.gpus,
+        heartbeat_interval=spec.controller.heartbeat_interval,
+    )
+    return [_worker(spec, model, r, list(command.argv), list(command.env))]
+
+
+_WORKERS = {"hf": _hf_worker, "vllm": _vllm_worker, "fastchat-vllm": _fastchat_vllm_worker}
+
+
+def _addresses(addresses: Iterable[str]) -> list[str]:
+    """Sorted unique addresses for an allowlist: IPs normalized, host names as they are.
+
+    A host name is resolved by the runtime when it loads the file (on the host itself).
+    """
+    out: set[str] = set()
     for address in addresses:
         try:
-            ips.add(str(ipaddress.ip_address(address)))
+            out.add(str(ipaddress.ip_address(address)))
         except ValueError:
-            return None
-    return sorted(ips)
+            out.add(address)
+    return sorted(out)
 
 
 def _dedupe(env: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -7,16 +7,19 @@ supply their own ways of reaching hosts.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
-from deploy.apikey import key_digest, read_api_key
+from deploy.admission import admit
+from deploy.apikey import read_key_store
 from deploy.commandlines import build_components, host_paths
 from deploy.connectors import Connector
+from deploy.doctor import DoctorReport, open_connectors, run_doctor
 from deploy.errors import DeployError
-from deploy.hosts import connect, on_hosts
+from deploy.hosts import UnreachableConnector, connect, on_hosts
 from deploy.lock import cluster_lock
 from deploy.plan import ObservedState, Plan, make_plan
 from deploy.report import RecordingReporter, Reporter
@@ -25,7 +28,7 @@ from deploy.status import ClusterStatus, cluster_status
 from deploy.supervisor import DownResult
 from deploy.up import UpResult, observe, run_up
 
-__all__ = ["down", "follow_logs", "logs", "plan", "status", "up"]
+__all__ = ["doctor", "down", "follow_logs", "logs", "plan", "status", "up", "watch"]
 
 Connectors = Mapping[str, Connector] | None
 
@@ -42,10 +45,8 @@ def plan(spec: ClusterSpec, *, offline: bool = False, connectors: Connectors = N
         return make_plan(spec, ObservedState())
     with connect(spec, connectors=connectors) as hosts:
         api = hosts.spec.api_server
-        key = read_api_key(hosts.agents[api.host], host_paths(hosts.spec.host(api.host)).api_keys)
-        return make_plan(
-            hosts.spec, observe(hosts), api_key_digest=key_digest(key) if api.key_enabled else ""
-        )
+        keys = read_key_store(hosts.agents[api.host], host_paths(hosts.spec.host(api.host)).api_keys)
+        return make_plan(hosts.spec, observe(hosts), api_key_digest=keys.digest if api.key_enabled else "")
 
 
 def up(
@@ -67,12 +68,38 @@ def up(
         DeployError: with the phase, host and component that failed.
     """
     reporter = reporter or RecordingReporter()
-    build_components(spec)  # a worker kind this version cannot start is refused before any connection
+    build_components(spec)  # bad engine arguments are refused before any connection
     with cluster_lock(spec.name, action="up"), ExitStack() as stack:
+        # One connector per host for the whole command: doctor's connections are reused by up.
+        opened = stack.enter_context(open_connectors(spec, connectors))
+        with reporter.phase("doctor") as phase:
+            report = run_doctor(spec, opened)
+            phase.detail = report.summary()
+            admission = admit(spec, report)
+        for check in report.checks:
+            if check.status != "ok":
+                reporter.note(f"  {check.mark} {check.host} {check.name}: {check.detail}")
+        for line in admission.left_out:
+            reporter.note(f"  degraded: {line}")
+        spec = admission.spec
+        # Hosts left out of a degraded up fail at once with the error doctor saw (no second timeout).
+        reachable = {
+            **opened,
+            **{h: UnreachableConnector(h, report.probes[h].error or DeployError(h)) for h in admission.down},
+        }
         with reporter.phase("connect") as phase:
-            hosts = stack.enter_context(connect(spec, connectors=connectors))
-            phase.detail = ", ".join(f"{h.name} ({h.connect})" for h in spec.hosts)
-        return run_up(hosts, reporter, output_dir=output_dir)
+            hosts = stack.enter_context(connect(spec, connectors=reachable, allow_down=admission.degraded))
+            phase.detail = ", ".join(
+                f"{h.name} ({h.connect})" for h in spec.hosts if h.name not in hosts.down
+            )
+        result = run_up(hosts, reporter, output_dir=output_dir)
+        return dataclasses.replace(result, left_out=admission.left_out)
+
+
+def doctor(spec: ClusterSpec, *, connectors: Connectors = None) -> DoctorReport:
+    """Check every host (and the paths between them) against the spec; changes nothing."""
+    with open_connectors(spec, connectors) as opened:
+        return run_doctor(spec, opened)
 
 
 def down(
@@ -80,7 +107,12 @@ def down(
 ) -> dict[str, DownResult]:
     """Stop every process of this cluster on every host; idempotent."""
     reporter = reporter or RecordingReporter()
-    with cluster_lock(spec.name, action="down"), connect(spec, connectors=connectors) as hosts:
+    # A host that cannot be reached does not stop the others from being stopped; the PhaseFailed
+    # raised at the end carries every host's outcome.
+    with (
+        cluster_lock(spec.name, action="down"),
+        connect(spec, connectors=connectors, allow_down=True) as hosts,
+    ):
         grace = float(spec.supervision.stop_grace)
         with reporter.phase("down") as phase:
             results = on_hosts(
@@ -98,14 +130,38 @@ def down(
 
 def status(spec: ClusterSpec, *, connectors: Connectors = None) -> ClusterStatus:
     """Every component's state, with a reason for anything unhealthy."""
-    with connect(spec, connectors=connectors) as hosts:
+    with connect(spec, connectors=connectors, allow_down=True) as hosts:
         return cluster_status(hosts)
 
 
-def _component_host(spec: ClusterSpec, component: str) -> str:
-    from deploy.status import _supported_components
+def watch(
+    spec: ClusterSpec,
+    *,
+    emit: Callable[[str], None],
+    interval: float | None = None,
+    webhook: str | None = None,
+    count: int | None = None,
+    connectors: Connectors = None,
+) -> None:
+    """Observe the cluster every ``interval`` seconds and report state changes (``watch`` in the spec).
 
-    names = {c.name: c.host for c in _supported_components(spec)}
+    Runs ``count`` rounds, or until interrupted. ``interval`` and ``webhook`` override the spec's.
+    """
+    from deploy.watch import Watcher
+
+    with connect(spec, connectors=connectors, allow_down=True) as hosts:
+        watcher = Watcher(
+            lambda: cluster_status(hosts),
+            interval if interval is not None else spec.watch.interval,
+            webhook if webhook is not None else spec.watch.webhook,
+            emit,
+        )
+        for _changes in watcher.rounds(count):
+            pass
+
+
+def _component_host(spec: ClusterSpec, component: str) -> str:
+    names = {c.name: c.host for c in build_components(spec)}
     if component not in names:
         raise DeployError(
             f"no component {component!r} in cluster {spec.name!r} (components: {', '.join(names)})"
@@ -113,10 +169,15 @@ def _component_host(spec: ClusterSpec, component: str) -> str:
     return names[component]
 
 
+def _only(spec: ClusterSpec, host: str) -> ClusterSpec:
+    """The spec reduced to one host: reading a log reaches that host only (the others may be down)."""
+    return dataclasses.replace(spec, hosts=(spec.host(host),))
+
+
 def logs(spec: ClusterSpec, component: str, *, lines: int = 50, connectors: Connectors = None) -> str:
     """The last ``lines`` lines of a component's log."""
     host = _component_host(spec, component)
-    with connect(spec, connectors=connectors) as hosts:
+    with connect(_only(spec, host), connectors=connectors) as hosts:
         text = hosts.agents[host].read(host_paths(hosts.spec.host(host)).log(component), tail_lines=lines)
     if text is None:
         raise DeployError(f"{component} on {host} has no log yet (it never started)")
@@ -139,7 +200,7 @@ def follow_logs(
     fixed interval instead of a deadline.
     """
     host = _component_host(spec, component)
-    with connect(spec, connectors=connectors) as hosts:
+    with connect(_only(spec, host), connectors=connectors) as hosts:
         agent = hosts.agents[host]
         path = host_paths(hosts.spec.host(host)).log(component)
         first = agent.one({"op": "read", "path": path, "tail_lines": lines})

@@ -17,7 +17,7 @@ from deploy.health import Progress
 from deploy.plan import Plan, RestartComponent, StartComponent
 from deploy.report import Phase, timed
 from deploy.spec import ClusterSpec
-from deploy.status import ClusterStatus
+from deploy.status import ClusterStatus, ComponentStatus
 
 __all__ = ["ConsoleReporter", "render_plan", "render_status"]
 
@@ -101,9 +101,22 @@ def render_plan(spec: ClusterSpec, plan: Plan, console: Console) -> None:
 def render_status(status: ClusterStatus, console: Console) -> None:
     """The status table, one row per component, with a reason for anything unhealthy."""
     table = Table(title=f"cluster {status.cluster}", title_justify="left")
-    for column in ("component", "host", "address", "state", "pid", "uptime", "models", "queue"):
+    columns = (
+        "component",
+        "host",
+        "address",
+        "state",
+        "since",
+        "restarts",
+        "pid",
+        "uptime",
+        "models",
+        "queue",
+    )
+    for column in columns:
         table.add_column(column, no_wrap=True)
     table.add_column("reason", overflow="fold")
+    now = time.time()
     for r in status.rows:
         state = Text(r.state, style="green" if r.healthy else "red")
         table.add_row(
@@ -111,13 +124,26 @@ def render_status(status: ClusterStatus, console: Console) -> None:
             r.host,
             r.address,
             state,
+            _duration(now - r.since) + " ago" if r.since else "-",
+            str(r.restarts),
             str(r.pid or "-"),
             _duration(r.uptime),
             ", ".join(r.models) or "-",
-            "-" if r.queue_length is None else str(r.queue_length),
+            _queue(r),
             r.reason or "",
         )
     console.print(table)
+
+
+def _queue(r: ComponentStatus) -> str:
+    """A worker's queue length, or a vLLM engine's own figures: running, waiting, KV cache use."""
+    if r.engine_load:
+        load = r.engine_load
+        parts = [f"{k} {load[k]:.0f}" for k in ("running", "waiting") if k in load]
+        if "kv_cache_usage" in load:
+            parts.append(f"kv {load['kv_cache_usage']:.0%}")
+        return ", ".join(parts)
+    return "-" if r.queue_length is None else str(r.queue_length)
 
 
 def _duration(seconds: float | None) -> str:

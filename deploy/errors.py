@@ -10,6 +10,7 @@
     │   ├── CommandTimeout         a command on the host ran past its timeout
     │   └── TransferFailed         a file could not be written or read on the host
     ├── PreflightError             refused before anything started (busy port, unsupported kind...)
+    │   └── DoctorFailed           ``doctor`` found ✗ checks (carries the whole table)
     ├── SupervisorError            the host's supervisord misbehaved (names the host)
     ├── ComponentFailed            a component exited or failed (host, component, log tail, hint)
     ├── ReadinessError             a readiness step ran past its deadline (names the step)
@@ -31,6 +32,7 @@ __all__ = [
     "ConnectionFailed",
     "ConnectorError",
     "DeployError",
+    "DoctorFailed",
     "LockHeld",
     "PhaseFailed",
     "PreflightError",
@@ -96,6 +98,17 @@ class TransferFailed(ConnectorError):
 
 class PreflightError(DeployError):
     """Refused before anything started."""
+
+
+class DoctorFailed(PreflightError):
+    """``doctor`` (or ``up``'s doctor phase) found failing checks; ``lines`` is the whole table."""
+
+    def __init__(self, message: str, lines: list[str], *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.lines = lines
+
+    def details(self) -> list[str]:
+        return self.lines + super().details()
 
 
 class SupervisorError(DeployError):

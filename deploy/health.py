@@ -79,7 +79,7 @@ def port_probe(component: Component) -> dict[str, Any]:
     if component.role == "controller":
         return http_op("GET", f"{component.url}/test_connection", timeout=3)
     if component.role == "api_server":
-        return http_op("GET", f"{component.url}/health", timeout=3)
+        return http_op("GET", f"{component.url}/health", timeout=3, cafile=component.ca_file)
     return http_op("POST", f"{component.url}/worker_get_status", json_body={}, timeout=3)
 
 
@@ -93,6 +93,7 @@ def completion_request(
         json_body={"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0},
         headers=_auth(api_key),
         timeout=timeout,
+        cafile=api.ca_file,
     )
 
 
@@ -139,7 +140,11 @@ class Ladder:
         t = self.spec.timeouts
         targets = []
         for c in components:
-            steps = [(Step.ALIVE, t.start), (Step.PORT, t.load if c.role == "worker" else t.start)]
+            steps = [(Step.ALIVE, t.start)]
+            # An engine listens on its host's loopback, out of the head's reach: its worker in
+            # front of it answers only once the engine serves, so the worker's rungs prove both.
+            if c.role != "engine":
+                steps.append((Step.PORT, t.load if c.role == "worker" else t.start))
             if c.role == "worker":
                 steps.append((Step.REGISTERED, t.register))
             targets.append(_Target(c.name, c.host, steps, [c], component=c))
@@ -217,7 +222,8 @@ class Ladder:
                 probe("list_workers", http_op("POST", f"{controller.url}/list_workers", json_body={}))
             if Step.LISTED in left:
                 api = self._by_role("api_server")
-                probe("models", http_op("GET", f"{api.url}/v1/models", headers=_auth(self.api_key)))
+                auth = _auth(self.api_key)
+                probe("models", http_op("GET", f"{api.url}/v1/models", headers=auth, cafile=api.ca_file))
             if Step.COMPLETION in left and t.model:
                 probe(t.name, completion_request(self._by_role("api_server"), t.model, self.api_key))
         agents = {host: self.supervisors[host].agent for host in ops if host in self.supervisors}
@@ -290,7 +296,13 @@ class Ladder:
             return True, ""
         if step == Step.PORT:
             answer = answers.get(t.name)
-            return (answer is not None and answer.ok), answer.describe() if answer else "waiting"
+            if answer is None or not answer.ok:
+                return False, answer.describe() if answer else "waiting"
+            if t.component is not None and t.component.role == "worker":
+                # A bridge worker answers at once but lists its model only once vLLM serves it.
+                names = (answer.json() or {}).get("model_names") or []
+                return bool(names), "" if names else "answers, but its engine is not ready yet"
+            return True, ""
         if step == Step.REGISTERED:
             answer = answers.get("list_workers")
             workers = (answer.json() or {}).get("workers", {}) if answer and answer.ok else {}

@@ -12,7 +12,7 @@ Operations (``op`` key), and what they answer:
 
 - ``rpc`` ``socket, calls: [[method, *args], ...]`` -> ``{"results": [{"ok": value} |
   {"fault": code, "text": str}]}`` or ``{"error": "no socket" | str}``: supervisord XML-RPC.
-- ``http`` ``method, url, json?, headers?, timeout?`` -> ``{"status": int, "body": str}`` or
+- ``http`` ``method, url, json?, headers?, timeout?, cafile?`` -> ``{"status": int, "body": str}`` or
   ``{"error": str}``: one HTTP request, no proxies.
 - ``bindable`` ``address, port`` -> ``{"free": bool, "error": str}``.
 - ``read`` ``path, tail_lines?, offset?, max_bytes?`` -> ``{"exists": bool, "text": str, "size": int}``.
@@ -21,6 +21,15 @@ Operations (``op`` key), and what they answer:
 - ``signal`` ``pid, signal, must_contain`` -> ``{"sent": bool}``: only to a process whose command
   line contains ``must_contain`` (so a reused pid is never hit).
 - ``start_supervisord`` ``conf`` -> ``{"exit_code": int, "output": str}``.
+- ``facts`` ``dists, paths, ports: [[address, port]], gpus: bool, disk_path`` -> ``{"python",
+  "executable", "versions": {dist: str|None}, "paths": {path: bool}, "ports": [bindable...],
+  "gpus": {"present": bool, "indexes": [int], "error": str}, "disk_free": int, "time": float}``
+  (``doctor``'s questions about one host, answered in one round trip).
+- ``listen`` ``sockets: [[address, port]], seconds, expect`` -> ``{"bound": [str], "peers":
+  [str]}``: accept connections for a while (a stand-in for a component not yet started, so
+  ``doctor`` can prove a port is reachable before anything listens on it).
+- ``connect`` ``address, port, timeout, retry_refused`` -> ``{"ok": bool, "error": str}``: a TCP
+  connection from this host.
 """
 
 from __future__ import annotations
@@ -87,9 +96,19 @@ def op_http(req: dict[str, Any]) -> dict[str, Any]:
     request = urllib.request.Request(  # noqa: S310
         req["url"], data=body, headers=headers, method=req.get("method", "GET")
     )
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if req.get("cafile"):
+        import ssl
+
+        # The API server's own certificate (api_server.tls.cert), trusted for this request only.
+        try:
+            context = ssl.create_default_context(cafile=req["cafile"])
+        except (OSError, ssl.SSLError) as exc:
+            return {"error": f"cannot use {req['cafile']} as the trusted certificate: {exc}"}
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
     try:
-        # The URLs are http ones built by llm-deploy from the spec.
+        # The URLs are ones built by llm-deploy from the spec.
         with opener.open(request, timeout=float(req.get("timeout", 5))) as resp:
             return {"status": resp.status, "body": resp.read(MAX_BODY).decode("utf-8", "replace")}
     except urllib.error.HTTPError as exc:
@@ -201,11 +220,112 @@ def op_start_supervisord(req: dict[str, Any]) -> dict[str, Any]:
             capture_output=True,
             timeout=60,
             check=False,
+            # supervisord opens its own log before applying its umask=077: without this the
+            # log would be created world-readable.
+            umask=0o077,
         )
     except subprocess.TimeoutExpired:
         return {"exit_code": -1, "output": "supervisord did not daemonize within 60 s"}
     output = (proc.stdout + proc.stderr).decode("utf-8", "replace")
     return {"exit_code": proc.returncode, "output": output}
+
+
+def op_facts(req: dict[str, Any]) -> dict[str, Any]:
+    import importlib.metadata
+    import shutil
+    import time
+
+    versions: dict[str, str | None] = {}
+    for dist in req.get("dists", []):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    gpus: dict[str, Any] = {"present": False, "indexes": [], "error": ""}
+    if req.get("gpus"):
+        gpus = _gpus(shutil.which("nvidia-smi"))
+    disk = os.path.expanduser(req.get("disk_path") or "~")
+    while not os.path.exists(disk) and disk not in ("/", ""):
+        disk = os.path.dirname(disk)  # the state directory may not exist before the first up
+    return {
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "versions": versions,
+        "paths": {p: os.path.exists(os.path.expanduser(p)) for p in req.get("paths", [])},
+        "ports": [op_bindable({"address": a, "port": p}) for a, p in req.get("ports", [])],
+        "gpus": gpus,
+        "disk_free": shutil.disk_usage(disk or "/").free,
+        "time": time.time(),
+    }
+
+
+def _gpus(nvidia_smi: str | None) -> dict[str, Any]:
+    if nvidia_smi is None:
+        return {"present": False, "indexes": [], "error": "nvidia-smi not found"}
+    argv = [nvidia_smi, "--query-gpu=index", "--format=csv,noheader"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"present": True, "indexes": [], "error": str(exc)}
+    if proc.returncode != 0:
+        return {"present": True, "indexes": [], "error": (proc.stderr or proc.stdout).strip()[-300:]}
+    indexes = [int(x) for x in proc.stdout.split() if x.strip().isdigit()]
+    return {"present": True, "indexes": indexes, "error": ""}
+
+
+def op_listen(req: dict[str, Any]) -> dict[str, Any]:
+    import selectors
+    import time
+
+    deadline = time.monotonic() + float(req.get("seconds", 10))
+    sel = selectors.DefaultSelector()
+    bound: list[str] = []
+    peers: list[str] = []
+    for address, port in req["sockets"]:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, int(port)))
+            s.listen(16)
+        except OSError:
+            s.close()
+            continue
+        sel.register(s, selectors.EVENT_READ)
+        bound.append(f"{address}:{port}")
+    # Stops early once every expected peer connected; the deadline bounds it otherwise.
+    while bound and len(peers) < int(req.get("expect", 0)) and (left := deadline - time.monotonic()) > 0:
+        for key, _ in sel.select(timeout=left):
+            conn, peer = key.fileobj.accept()  # type: ignore[union-attr]
+            peers.append(peer[0])
+            conn.close()
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()  # type: ignore[union-attr]
+    return {"bound": bound, "peers": peers}
+
+
+def op_connect(req: dict[str, Any]) -> dict[str, Any]:
+    from deploy.polling import DeadlineExceeded, poll_until
+
+    timeout = float(req.get("timeout", 5))
+    last = {"error": ""}
+
+    def attempt() -> dict[str, Any] | None:
+        try:
+            with socket.create_connection((req["address"], int(req["port"])), timeout=timeout):
+                return {"ok": True, "error": ""}
+        except ConnectionRefusedError as exc:
+            # A stand-in listener may still be starting on the other host: a refusal is retried
+            # until the deadline; a timeout or an unreachable network is final.
+            last["error"] = exc.strerror or "connection refused"
+            return None if req.get("retry_refused") else {"ok": False, "error": last["error"]}
+        except OSError as exc:
+            error = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            return {"ok": False, "error": error}
+
+    try:
+        return poll_until(attempt, seconds=timeout, what="connect", max_interval=0.3)
+    except DeadlineExceeded:
+        return {"ok": False, "error": last["error"]}
 
 
 OPS = {name[3:]: fn for name, fn in globals().items() if name.startswith("op_")}

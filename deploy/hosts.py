@@ -9,19 +9,19 @@ a failure on one host never hides what happened on the others.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
 from deploy.commandlines import host_paths
-from deploy.connectors import Connector, LocalConnector
+from deploy.connectors import CommandResult, Connector, LocalConnector
 from deploy.errors import DeployError, PhaseFailed
 from deploy.remote import HostAgent
 from deploy.spec import ClusterSpec, HostSpec
 from deploy.supervisor import Supervisor
 
-__all__ = ["Hosts", "connect", "on_hosts"]
+__all__ = ["Hosts", "UnreachableConnector", "connect", "on_hosts"]
 
 T = TypeVar("T")
 
@@ -53,6 +53,34 @@ def on_hosts(phase: str, hosts: Iterable[str], fn: Callable[[str], T]) -> dict[s
     return outcomes  # type: ignore[return-value]
 
 
+class UnreachableConnector(Connector):
+    """Stands in for a host that could not be reached: every use raises the error seen at connect.
+
+    So commands that tolerate a down host (``status``, ``down``) report it in their per-host
+    outcomes at once, instead of waiting out another connect timeout.
+    """
+
+    def __init__(self, host: str, error: DeployError) -> None:
+        self.host = host
+        self.error = error
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+    ) -> CommandResult:
+        raise self.error
+
+    def put(self, content: bytes, path: str, *, mode: int = 0o600) -> None:
+        raise self.error
+
+    def get(self, path: str) -> bytes:
+        raise self.error
+
+
 @dataclasses.dataclass
 class Hosts:
     """The connected hosts of one cluster: connectors, host agents, supervisors.
@@ -65,6 +93,7 @@ class Hosts:
     connectors: dict[str, Connector]
     agents: dict[str, HostAgent]
     supervisors: dict[str, Supervisor]
+    down: dict[str, DeployError] = dataclasses.field(default_factory=dict)  # host -> why unreachable
 
     @property
     def head(self) -> HostAgent:
@@ -78,12 +107,19 @@ class Hosts:
 
 
 @contextmanager
-def connect(spec: ClusterSpec, *, connectors: Mapping[str, Connector] | None = None) -> Iterator[Hosts]:
+def connect(
+    spec: ClusterSpec, *, connectors: Mapping[str, Connector] | None = None, allow_down: bool = False
+) -> Iterator[Hosts]:
     """Connect to every host (in parallel) and learn their home directories.
 
     Args:
         spec: The cluster spec.
         connectors: Ready connectors by host name (tests); the others are opened here.
+        allow_down: Keep going when some hosts cannot be reached: they get an
+            :class:`UnreachableConnector` and are listed in :attr:`Hosts.down`.
+
+    Raises:
+        PhaseFailed: (without ``allow_down``) some host could not be reached; every host's outcome.
     """
     given = dict(connectors or {})
     opened: dict[str, Connector] = {}
@@ -97,14 +133,27 @@ def connect(spec: ClusterSpec, *, connectors: Mapping[str, Connector] | None = N
         home: str = HostAgent(connector, host.python).one({"op": "home"})["home"]
         return home
 
+    down: dict[str, DeployError] = {}
     try:
-        homes = on_hosts("connect", [h.name for h in spec.hosts], open_one)
+        try:
+            homes = on_hosts("connect", [h.name for h in spec.hosts], open_one)
+        except PhaseFailed as exc:
+            if not allow_down:
+                raise
+            homes = {h: str(r) for h, r in exc.succeeded.items()}
+            down = exc.failed
+            for name, error in down.items():
+                failed = opened.pop(name, None)
+                if failed is not None and name not in given:
+                    failed.close()
+                opened[name] = UnreachableConnector(name, error)
+                homes[name] = spec.host(name).home or ""
         spec = dataclasses.replace(
-            spec, hosts=tuple(dataclasses.replace(h, home=homes[h.name]) for h in spec.hosts)
+            spec, hosts=tuple(dataclasses.replace(h, home=homes[h.name] or None) for h in spec.hosts)
         )
         agents = {h.name: HostAgent(opened[h.name], h.python) for h in spec.hosts}
         supervisors = {h.name: Supervisor(agents[h.name], host_paths(h)) for h in spec.hosts}
-        hosts = Hosts(spec, dict(opened), agents, supervisors)
+        hosts = Hosts(spec, dict(opened), agents, supervisors, down)
         yield hosts
     finally:
         for name, connector in opened.items():

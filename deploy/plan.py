@@ -46,6 +46,7 @@ class ProgramState:
     uptime: float = 0.0
     exit_status: int | None = None
     detail: str = ""
+    since: float = 0.0  # epoch seconds when it entered this state (0: unknown)
 
 
 @dataclass(frozen=True)

@@ -56,9 +56,10 @@ def http_op(
     json_body: Any = None,
     headers: Mapping[str, str] | None = None,
     timeout: float = 5.0,
+    cafile: str | None = None,
 ) -> dict[str, Any]:
-    """An ``http`` operation for :meth:`HostAgent.call`."""
-    return {
+    """An ``http`` operation for :meth:`HostAgent.call` (``cafile``: the certificate to trust for https)."""
+    op = {
         "op": "http",
         "method": method,
         "url": url,
@@ -66,6 +67,9 @@ def http_op(
         "headers": dict(headers or {}),
         "timeout": timeout,
     }
+    if cafile:
+        op["cafile"] = cafile
+    return op
 
 
 class HostAgent:

@@ -3,7 +3,7 @@
 ``load_cluster_spec(path)`` reads the yaml and returns a frozen :class:`ClusterSpec`; every
 problem raises :class:`~deploy.errors.SpecError` naming the yaml path of the offending key
 (``models[0].replicas[1].port: must be 1-65535``). Unknown keys are errors. The format, with the
-embedded default, is documented in ``docs/deploy.md``.
+embedded default, is documented in README.md ("The cluster spec").
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ __all__ = [
     "ApiServerSpec",
     "ClusterSpec",
     "ControllerSpec",
+    "HealthSpec",
     "HostSpec",
     "ModelSpec",
     "ReplicaSpec",
     "SSHSpec",
     "SupervisionSpec",
     "TimeoutsSpec",
+    "WatchSpec",
     "default_spec_text",
     "deploy_home",
     "load_cluster_spec",
@@ -64,6 +66,10 @@ class SSHSpec:
     key_file: str | None = None
     jump: str | None = None
     strict_host_key_checking: bool = True
+    # An ssh_config file instead of ~/.ssh/config, and known_hosts files (default: ssh_config's).
+    config_file: str | None = None
+    known_hosts: str | None = None
+    timeout: float = 10.0  # seconds for connect, banner and authentication each
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,12 @@ class HostSpec:
     state_dir: str
     ssh: SSHSpec | None = None
     home: str | None = None
+    bind: str | None = None  # what workers listen on (default: address); 0.0.0.0 only when asked
+
+    @property
+    def bind_address(self) -> str:
+        """The address this host's workers bind: ``bind`` when the spec sets it, else ``address``."""
+        return self.bind or self.address
 
     @property
     def is_local(self) -> bool:
@@ -122,11 +134,20 @@ class ApiServerSpec:
     key_env_var: str
     allowed_origins: tuple[str, ...]
     worker_timeout: int | None
+    # TLS for the API port: certificate (PEM, also what clients and probes trust) and private key,
+    # paths on the API server's host.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        """``https`` with TLS, else ``http``."""
+        return "https" if self.tls_cert else "http"
 
     @property
     def base_url(self) -> str:
         """The OpenAI base URL clients use."""
-        return f"http://{self.address}:{self.port}/v1"
+        return f"{self.scheme}://{self.address}:{self.port}/v1"
 
 
 @dataclass(frozen=True)
@@ -175,6 +196,32 @@ class SupervisionSpec:
     start_retries: int = 3
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 5
+    # Restarts after a crash (deploy.runtime.restarter): wait backoff_initial, doubling up to
+    # backoff_max; after max_restarts runs in a row shorter than stable_secs, give up (FAILED).
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    max_restarts: int = 5
+    stable_secs: float = 60.0
+
+
+@dataclass(frozen=True)
+class HealthSpec:
+    """The controller's active check: a 1-token generation per worker every interval.
+
+    A worker whose check fails or takes longer than ``active_check_timeout`` leaves rotation
+    until a check passes again (0 disables the check).
+    """
+
+    active_check_interval: float = 15.0
+    active_check_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class WatchSpec:
+    """``llm-deploy watch``: how often to look, and where to send state changes."""
+
+    interval: float = 10.0
+    webhook: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +236,10 @@ class ClusterSpec:
     timeouts: TimeoutsSpec = TimeoutsSpec()
     supervision: SupervisionSpec = SupervisionSpec()
     source: str | None = None
+    # False: `up` starts what it can when a worker host is down, and reports the cluster degraded.
+    require_all_replicas: bool = True
+    health: HealthSpec = HealthSpec()
+    watch: WatchSpec = WatchSpec()
 
     def host(self, name: str) -> HostSpec:
         """The host named ``name``."""

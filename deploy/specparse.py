@@ -24,12 +24,14 @@ from deploy.spec import (
     ClusterSpec,
     ControllerSpec,
     EngineValue,
+    HealthSpec,
     HostSpec,
     ModelSpec,
     ReplicaSpec,
     SSHSpec,
     SupervisionSpec,
     TimeoutsSpec,
+    WatchSpec,
     deploy_home,
 )
 from deploy.yamlreader import Node
@@ -47,13 +49,19 @@ def parse(root: Node, *, base_dir: Path, local_python: str) -> ClusterSpec:
     hosts = _hosts(root.child("hosts"), cluster=name, base_dir=base_dir, local_python=local_python)
     by_name = {h.name: h for h in hosts}
     controller = _controller(root.child("controller"), by_name)
-    api_server = _api_server(root.child("api_server"), by_name)
+    api_server = _api_server(root.child("api_server"), by_name, base_dir)
     models_node = root.child("models")
     models = tuple(_model(n, by_name, base_dir) for n in models_node.elements(allow_empty=False))
     timeouts = _timeouts(root.child("timeouts"))
     supervision = _supervision(root.child("supervision"))
+    require_all = root.get("require_all_replicas", bool, True)
+    health = _health(root.child("health"))
+    watch = _watch(root.child("watch"))
     root.done()
-    spec = ClusterSpec(name, hosts, controller, api_server, models, timeouts, supervision, root.source)
+    spec = ClusterSpec(
+        name, hosts, controller, api_server, models, timeouts, supervision, root.source, require_all
+    )
+    spec = dataclasses.replace(spec, health=health, watch=watch)
     _check_unique_models(models_node, models)
     return _check_ports(root, spec)
 
@@ -125,18 +133,21 @@ def _hosts(node: Node, *, cluster: str, base_dir: Path, local_python: str) -> tu
                 python = _local_path(python, base_dir)
         elif not (state_dir.startswith(("/", "~/"))):
             raise h.error("must be absolute or start with ~/ on an SSH host", "state_dir")
-        ssh = _ssh(h.child("ssh")) if h.has("ssh") else None
+        bind = _address(h, "bind", address) if h.has("bind") else None
+        ssh = _ssh(h.child("ssh"), base_dir) if h.has("ssh") else None
         if ssh is not None and local:
             raise h.error("only allowed with connect: ssh", "ssh")
         h.done()
         if local and state_dir in seen_dirs:
             raise h.error(f"same state directory as host {seen_dirs[state_dir]!r}", "state_dir")
         seen_dirs[state_dir] = name
-        hosts.append(HostSpec(name, address, connect, python, state_dir, ssh if not local else None, home))  # type: ignore[arg-type]
+        hosts.append(
+            HostSpec(name, address, connect, python, state_dir, ssh if not local else None, home, bind)  # type: ignore[arg-type]
+        )
     return tuple(hosts)
 
 
-def _ssh(node: Node) -> SSHSpec:
+def _ssh(node: Node, base_dir: Path) -> SSHSpec:
     node.mapping()
     spec = SSHSpec(
         hostname=node.get("hostname", str, None),
@@ -145,6 +156,9 @@ def _ssh(node: Node) -> SSHSpec:
         key_file=node.get("key_file", str, None),
         jump=node.get("jump", str, None),
         strict_host_key_checking=node.get("strict_host_key_checking", bool, True),
+        config_file=_optional_local_path(node, "config_file", base_dir),
+        known_hosts=_optional_local_path(node, "known_hosts", base_dir),
+        timeout=_positive(node, "timeout", SSHSpec.timeout),
     )
     node.done()
     return spec
@@ -171,7 +185,7 @@ def _controller(node: Node, hosts: dict[str, HostSpec]) -> ControllerSpec:
     return spec
 
 
-def _api_server(node: Node, hosts: dict[str, HostSpec]) -> ApiServerSpec:
+def _api_server(node: Node, hosts: dict[str, HostSpec], base_dir: Path) -> ApiServerSpec:
     node.mapping()
     host = _host_of(node, "host", hosts)
     key = node.child("key").mapping()
@@ -184,6 +198,7 @@ def _api_server(node: Node, hosts: dict[str, HostSpec]) -> ApiServerSpec:
     timeout = node.get("worker_timeout", int, None)
     if timeout is not None and timeout <= 0:
         raise node.error(f"must be > 0 (got {timeout})", "worker_timeout")
+    tls_cert, tls_key = _tls(node.child("tls"), host, base_dir) if node.has("tls") else (None, None)
     spec = ApiServerSpec(
         host=host.name,
         port=_port(node, "port", DEFAULT_API_PORT),
@@ -193,15 +208,48 @@ def _api_server(node: Node, hosts: dict[str, HostSpec]) -> ApiServerSpec:
         key_env_var=env_var,
         allowed_origins=origins,
         worker_timeout=timeout,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     node.done()
     return spec
 
 
+def _tls(node: Node, host: HostSpec, base_dir: Path) -> tuple[str, str]:
+    """``api_server.tls: {cert, key}``: PEM files on the API host (checked here for a local host)."""
+    node.mapping()
+    paths = []
+    for key in ("cert", "key"):
+        value = node.get(key, str).strip()
+        if not value:
+            raise node.error("must not be empty", key)
+        if not host.is_local:
+            if not value.startswith(("/", "~/")):
+                raise node.error(f"must be absolute or start with ~/ on SSH host {host.name!r}", key)
+            paths.append(value)
+            continue
+        path = _local_path(value, base_dir)
+        try:
+            mode = os.stat(path).st_mode
+            with open(path, "rb") as f:
+                pem = f.read(65536)
+        except OSError as exc:
+            raise node.error(f"cannot read {path}: {exc.strerror or exc}", key) from exc
+        if b"-----BEGIN " not in pem:
+            raise node.error(f"{path} is not a PEM file", key)
+        if key == "key" and mode & 0o077:
+            raise node.error(f"{path} lets other users read the private key; run chmod 600 {path}", key)
+        paths.append(path)
+    node.done()
+    return paths[0], paths[1]
+
+
 def _model(node: Node, hosts: dict[str, HostSpec], base_dir: Path) -> ModelSpec:
     node.mapping()
     name = _name(node, "name")
-    kind = _choice(node, "kind", WORKER_KINDS, "hf")
+    # A GPU model defaults to the vllm kind (stock `vllm serve` behind the bridge), a CPU one to hf.
+    gpu_model = node.get("device", str, None) == "cuda"
+    kind = _choice(node, "kind", WORKER_KINDS, "vllm" if gpu_model else "hf")
     device = _choice(node, "device", DEVICES, "cpu" if kind == "hf" else "cuda")
     source = node.get("source", str, None)
     if source is not None and source != "tiny":
@@ -303,11 +351,46 @@ def _supervision(node: Node) -> SupervisionSpec:
         start_retries=node.get("start_retries", int, d.start_retries),
         log_max_bytes=int(_positive(node, "log_max_bytes", d.log_max_bytes, int)),
         log_backups=node.get("log_backups", int, d.log_backups),
+        backoff_initial=_positive(node, "backoff_initial", d.backoff_initial),
+        backoff_max=_positive(node, "backoff_max", d.backoff_max),
+        max_restarts=node.get("max_restarts", int, d.max_restarts),
+        stable_secs=_positive(node, "stable_secs", d.stable_secs),
     )
     if spec.start_retries < 0 or spec.log_backups < 0:
         raise node.error("start_retries and log_backups must be >= 0")
+    if spec.max_restarts < 0:
+        raise node.error(f"must be >= 0 (got {spec.max_restarts})", "max_restarts")
+    if spec.backoff_max < spec.backoff_initial:
+        raise node.error(f"must be >= backoff_initial ({spec.backoff_initial:g})", "backoff_max")
     node.done()
     return spec
+
+
+def _health(node: Node) -> HealthSpec:
+    node.mapping()
+    d = HealthSpec()
+    interval = node.get("active_check_interval", float, d.active_check_interval)
+    if interval < 0:
+        raise node.error(f"must be >= 0 (0 turns the check off; got {interval:g})", "active_check_interval")
+    spec = HealthSpec(interval, _positive(node, "active_check_timeout", d.active_check_timeout))
+    node.done()
+    return spec
+
+
+def _watch(node: Node) -> WatchSpec:
+    node.mapping()
+    webhook = node.get("webhook", str, None)
+    if webhook is not None and not webhook.startswith(("http://", "https://")):
+        raise node.error(f"must be an http:// or https:// URL (got {webhook!r})", "webhook")
+    spec = WatchSpec(_positive(node, "interval", WatchSpec.interval), webhook)
+    node.done()
+    return spec
+
+
+def _optional_local_path(node: Node, key: str, base_dir: Path) -> str | None:
+    # Files on the machine running llm-deploy (ssh_config, known_hosts): relative to the spec.
+    value = node.get(key, str, None)
+    return None if value is None else _local_path(value, base_dir)
 
 
 def _local_path(value: str, base_dir: Path) -> str:

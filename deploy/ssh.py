@@ -134,9 +134,10 @@ class SSHConnector(Connector):
             port=ssh.port if ssh.port != 22 else None,
             key_file=os.path.expanduser(ssh.key_file) if ssh.key_file else None,
             gateway=ssh.jump,
-            ssh_config=ssh_config or getattr(ssh, "ssh_config", None),
-            known_hosts=known_hosts or getattr(ssh, "known_hosts", None),
+            ssh_config=ssh_config or ssh.config_file,
+            known_hosts=known_hosts or ssh.known_hosts,
             check_host_keys=ssh.strict_host_key_checking,
+            connect_timeout=ssh.timeout,
         )
 
     # -- connection ------------------------------------------------------------------------

@@ -8,18 +8,22 @@ controller (``/test_connection``, ``/list_workers``: registration, queue length)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from deploy.apikey import key_digest, read_api_key
-from deploy.commandlines import SUPPORTED_KINDS, Component, build_components, host_paths
+from deploy.apikey import read_key_store
+from deploy.commandlines import Component, build_components, host_paths
 from deploy.errors import PhaseFailed
+from deploy.healing import heal_row
 from deploy.health import port_probe
 from deploy.hosts import Hosts, on_hosts
+from deploy.keys import KeyStore
 from deploy.plan import RUNNING_STATES, HostState, ObservedState, ProgramState
 from deploy.remote import HttpAnswer, http_op
-from deploy.spec import ClusterSpec
+from deploy.runtime.restarter import RestartRecord
 from deploy.supervisor_conf import program_fingerprint
+from deploy.vllm.metrics import parse_metrics
 
 __all__ = ["ClusterStatus", "ComponentStatus", "cluster_status"]
 
@@ -38,6 +42,9 @@ class ComponentStatus:
     models: tuple[str, ...] = ()
     queue_length: int | None = None
     reason: str = ""
+    engine_load: dict[str, float] | None = None  # vLLM's running/waiting requests, KV cache use
+    since: float | None = None  # epoch seconds when it entered this state
+    restarts: int = 0  # restarts after crashes since `up` last started it
 
 
 @dataclass(frozen=True)
@@ -81,23 +88,26 @@ def cluster_status(hosts: Hosts) -> ClusterStatus:
     """Observe the cluster once (no waiting) and say what is healthy and why not."""
     spec = hosts.spec
     observed, unreachable = _observe(hosts)
-    key = None
+    keys = KeyStore()
     if spec.api_server.key_enabled and spec.api_server.host not in unreachable:
-        key = read_api_key(
+        keys = read_key_store(
             hosts.agents[spec.api_server.host], host_paths(spec.host(spec.api_server.host)).api_keys
         )
-    components = _supported_components(spec, key_digest(key))
-    probes: dict[str, HttpAnswer] = {}
+    key = keys.default
+    components = build_components(spec, api_key_digest=keys.digest)
+    probes: dict[str, HttpAnswer] = _engine_probes(hosts, components, unreachable)
     if spec.controller.host not in unreachable:
-        ops: dict[str, dict[str, Any]] = {c.name: port_probe(c) for c in components}
+        ops: dict[str, dict[str, Any]] = {c.name: port_probe(c) for c in components if c.role != "engine"}
         controller = next(c for c in components if c.role == "controller")
         api = next(c for c in components if c.role == "api_server")
         ops["list_workers"] = http_op("POST", f"{controller.url}/list_workers", json_body={})
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        ops["models"] = http_op("GET", f"{api.url}/v1/models", headers=headers)
+        ops["models"] = http_op("GET", f"{api.url}/v1/models", headers=headers, cafile=api.ca_file)
         answers = hosts.head.call(list(ops.values()))
         probes = {name: HttpAnswer.parse(a) for name, a in zip(ops, answers, strict=True)}
     workers = (probes["list_workers"].json() or {}).get("workers", {}) if "list_workers" in probes else {}
+    suspended = (probes["list_workers"].json() or {}).get("suspended", {}) if "list_workers" in probes else {}
+    records = _restart_records(hosts, observed, unreachable)
     listed = probes["models"].json() if "models" in probes and probes["models"].ok else {}
     api_models = tuple(m.get("id", "") for m in (listed or {}).get("data", []) if isinstance(m, dict))
     rows = []
@@ -110,6 +120,14 @@ def cluster_status(hosts: Hosts) -> ClusterStatus:
         state = observed.host(c.host)
         program = state.program(c.name) if state.supervisor_running else None
         rows.append(_row(hosts, c, state, program, probes.get(c.name), workers.get(c.url), api_models))
+        rows[-1] = heal_row(
+            rows[-1],
+            spec,
+            program,
+            records.get((c.host, c.name)),
+            suspended.get(c.url) if c.role == "worker" else None,
+            functools.partial(hosts.supervisors[c.host].log_tail, c.name),
+        )
         stale = program is not None and program.fingerprint != program_fingerprint(spec, c)
         if stale and not rows[-1].reason:
             rows[-1] = dataclasses.replace(
@@ -132,10 +150,43 @@ def cluster_status(hosts: Hosts) -> ClusterStatus:
     return ClusterStatus(spec.name, tuple(rows))
 
 
-def _supported_components(spec: ClusterSpec, api_key_digest: str = "") -> list[Component]:
-    """Components of the kinds this version supports (status still shows the rest of the cluster)."""
-    supported = tuple(m for m in spec.models if m.kind in SUPPORTED_KINDS)
-    return build_components(dataclasses.replace(spec, models=supported), api_key_digest=api_key_digest)
+def _restart_records(
+    hosts: Hosts, observed: ObservedState, unreachable: dict[str, str]
+) -> dict[tuple[str, str], RestartRecord]:
+    """(host, program) -> the restarter's record, read on every host where supervisord runs."""
+    running = {s.host: [p.name for p in s.programs] for s in observed.hosts if s.supervisor_running}
+    running = {h: names for h, names in running.items() if names and h not in unreachable}
+    try:
+        found = on_hosts(
+            "restart records", running, lambda h: hosts.supervisors[h].restart_records(running[h])
+        )
+    except PhaseFailed as exc:  # status still shows the rest
+        found = {h: r for h, r in exc.succeeded.items() if isinstance(r, dict)}
+    return {(h, name): record for h, by_name in found.items() for name, record in by_name.items()}
+
+
+def _engine_probes(
+    hosts: Hosts, components: list[Component], unreachable: dict[str, str]
+) -> dict[str, HttpAnswer]:
+    """Each engine's ``/metrics``, fetched on its own host (it listens on that host's loopback)."""
+    engines: dict[str, list[Component]] = {}
+    for c in components:
+        if c.role == "engine" and c.host not in unreachable:
+            engines.setdefault(c.host, []).append(c)
+
+    def fetch(host: str) -> list[Any]:
+        ops = [http_op("GET", f"{c.url}/metrics", timeout=3) for c in engines[host]]
+        return hosts.agents[host].call(ops)
+
+    try:
+        answers = on_hosts("engine metrics", engines, fetch)
+    except PhaseFailed as exc:
+        answers = {h: a for h, a in exc.succeeded.items() if isinstance(a, list)}
+    return {
+        c.name: HttpAnswer.parse(answer)
+        for host, host_answers in answers.items()
+        for c, answer in zip(engines[host], host_answers, strict=True)
+    }
 
 
 def _row(
@@ -159,6 +210,8 @@ def _row(
     base.update(
         state=program.state, pid=program.pid or None, uptime=round(program.uptime, 1) if program.pid else None
     )
+    if c.role == "engine" and port is not None and port.ok:
+        base["engine_load"] = parse_metrics(port.body)
     if c.role == "worker":
         base["models"] = tuple(registration.get("model_names", [])) if registration else ()
         base["queue_length"] = registration.get("queue_length") if registration else None

@@ -17,11 +17,13 @@ from typing import Any
 
 from deploy.commandlines import HostPaths
 from deploy.errors import SupervisorError
+from deploy.healing import program_since
 from deploy.plan import HostConfig, HostState, ProgramState
 from deploy.polling import DeadlineExceeded, poll_until
 from deploy.remote import HostAgent
+from deploy.runtime.restarter import RestartRecord, parse_record
 from deploy.spec import ClusterSpec
-from deploy.supervisor_conf import program_fingerprint
+from deploy.supervisor_conf import program_fingerprint, restart_record_path
 
 __all__ = ["DownResult", "Supervisor"]
 
@@ -146,8 +148,17 @@ class Supervisor:
             self._tolerant(calls, timeout=grace * max(1, len(removed) + len(changed)) + 30)
 
     def start_program(self, name: str) -> None:
-        """Ask supervisord to start ``name`` without waiting (the readiness ladder watches it)."""
+        """Ask supervisord to start ``name`` without waiting (the readiness ladder watches it).
+
+        Its restart record is cleared first: a start by ``up`` is a fresh start, not a crash.
+        """
+        self.agent.connector.put(b"{}", restart_record_path(self.paths, name), mode=0o600)
         self._tolerant([["supervisor.startProcess", name, False]])
+
+    def restart_records(self, names: Sequence[str]) -> dict[str, RestartRecord]:
+        """The restarter's record of each program (an empty record where there is none)."""
+        answers = self.agent.call([{"op": "read", "path": restart_record_path(self.paths, n)} for n in names])
+        return {n: parse_record(a.get("text", "")) for n, a in zip(names, answers, strict=True)}
 
     def stop_program(self, name: str, *, grace: float) -> None:
         """Stop ``name`` and wait for it (supervisord sends SIGKILL after the grace period)."""
@@ -235,6 +246,7 @@ def _program(info: dict[str, Any], fingerprints: dict[str, str]) -> ProgramState
         uptime=uptime,
         exit_status=int(info["exitstatus"]) if state == "EXITED" else None,
         detail=str(info.get("spawnerr") or ""),
+        since=program_since(info) or 0.0,
     )
 
 

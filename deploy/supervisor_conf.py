@@ -3,9 +3,12 @@
 One supervisord per host and cluster, in user space, everything under the cluster's state
 directory: its unix socket (the directory is 0700, so only the owner can drive it), pid file and
 logs. Programs do not autostart: ``up`` starts them in order (controller first) and watches them
-become ready. A crash restarts the program, with supervisord's backoff while it keeps failing
-within ``start_secs``; stopping sends SIGTERM to the whole process group, then SIGKILL after the
-grace period.
+become ready. A crash restarts the program through :mod:`deploy.runtime.restarter`, which waits
+an exponential backoff (``supervision.backoff_initial`` doubling up to ``backoff_max``) and gives
+up after ``max_restarts`` quick crashes in a row with exit code ``GAVE_UP``, which the program
+section lists as expected, so supervisord leaves it stopped (``status`` shows it FAILED).
+supervisord's own linear backoff still applies to a program failing within ``start_secs``;
+stopping sends SIGTERM to the whole process group, then SIGKILL after the grace period.
 """
 
 from __future__ import annotations
@@ -14,11 +17,18 @@ import hashlib
 import shlex
 from collections.abc import Sequence
 
-from deploy.commandlines import Component, host_paths
+from deploy.commandlines import Component, HostPaths, host_paths
 from deploy.errors import SpecError
+from deploy.runtime.restarter import GAVE_UP
 from deploy.spec import ClusterSpec
 
-__all__ = ["FINGERPRINT_ENV", "program_fingerprint", "render_supervisord_conf"]
+__all__ = [
+    "FINGERPRINT_ENV",
+    "program_fingerprint",
+    "render_supervisord_conf",
+    "restart_record_path",
+    "supervised_argv",
+]
 
 FINGERPRINT_ENV = "LLM_DEPLOY_FINGERPRINT"
 
@@ -32,7 +42,27 @@ def program_fingerprint(spec: ClusterSpec, component: Component) -> str:
     s = spec.supervision
     settings = f"{component.fingerprint}|{s.stop_grace}|{s.start_secs}|{s.start_retries}"
     settings += f"|{s.log_max_bytes}|{s.log_backups}"
+    settings += f"|{s.backoff_initial}|{s.backoff_max}|{s.max_restarts}|{s.stable_secs}"
     return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def restart_record_path(paths: HostPaths, component: str) -> str:
+    """Where the restarter keeps ``component``'s restart record (next to its log)."""
+    return paths.file(f"logs/{component}.restarts.json")
+
+
+def supervised_argv(spec: ClusterSpec, component: Component) -> list[str]:
+    """The component's command behind :mod:`deploy.runtime.restarter` (the backoff and the cap)."""
+    s = spec.supervision
+    return [
+        spec.host(component.host).python,
+        *("-m", "deploy.runtime.restarter", "--name", component.name),
+        *("--record", restart_record_path(host_paths(spec.host(component.host)), component.name)),
+        *("--initial", f"{s.backoff_initial:g}", "--max", f"{s.backoff_max:g}"),
+        *("--retries", str(s.max_restarts), "--stable", f"{s.stable_secs:g}"),
+        "--",
+        *component.argv,
+    ]
 
 
 def render_supervisord_conf(spec: ClusterSpec, host: str, components: Sequence[Component]) -> str:
@@ -71,11 +101,13 @@ def render_supervisord_conf(spec: ClusterSpec, host: str, components: Sequence[C
         lines += [
             "",
             f"[program:{c.name}]",
-            f"command={_value(shlex.join(c.argv), c.name)}",
+            f"command={_value(shlex.join(supervised_argv(spec, c)), c.name)}",
             "environment=" + ",".join(f'{k}="{_env_value(v, c.name, k)}"' for k, v in env),
             f"directory={_value(paths.state_dir)}",
             "autostart=false",
-            "autorestart=true",
+            # Any exit but the restarter's "gave up" is a crash to restart.
+            "autorestart=unexpected",
+            f"exitcodes={GAVE_UP}",
             f"startsecs={s.start_secs}",
             f"startretries={s.start_retries}",
             "stopsignal=TERM",

@@ -10,18 +10,19 @@ worked.
 from __future__ import annotations
 
 import json
-import secrets
 import shlex
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.apikey import key_digest, read_api_key
+from deploy.admission import without_hosts
+from deploy.apikey import read_key_store
 from deploy.clientconfig import ClientConfig, ServedModel, write_client_config
 from deploy.commandlines import Component, host_paths
 from deploy.errors import ComponentFailed, PreflightError
 from deploy.health import Ladder
 from deploy.hosts import Hosts, on_hosts
+from deploy.keys import KeyStore
 from deploy.plan import (
     ObservedState,
     Plan,
@@ -35,6 +36,7 @@ from deploy.plan import (
 from deploy.remote import http_op
 from deploy.report import Reporter
 from deploy.spec import ClusterSpec
+from deploy.tlstrust import ssl_context, trusting
 
 __all__ = ["UpResult", "observe", "run_up"]
 
@@ -51,11 +53,13 @@ class UpResult:
     server_ip: str
     client_config: ClientConfig | None
     models: tuple[ServedModel, ...]
+    left_out: tuple[str, ...] = ()  # hosts left out of a degraded start (require_all_replicas: false)
 
 
 def observe(hosts: Hosts) -> ObservedState:
     """Every host's state, observed in parallel."""
-    states = on_hosts("observe", [h.name for h in hosts.spec.hosts], lambda h: hosts.supervisors[h].observe())
+    names = [h.name for h in hosts.spec.hosts if h.name not in hosts.down]  # down: a degraded up
+    states = on_hosts("observe", names, lambda h: hosts.supervisors[h].observe())
     return ObservedState(tuple(states.values()))
 
 
@@ -76,6 +80,7 @@ def ensure_models(hosts: Hosts, reporter: Reporter) -> None:
         for m in spec.models
         if m.source == "tiny"
         for r in m.replicas
+        if r.host not in hosts.down
     }
     if not wanted:
         return
@@ -126,11 +131,12 @@ def preflight(hosts: Hosts, plan: Plan) -> int:
                 )
         return len(components)
 
-    return sum(on_hosts("preflight", [h.name for h in spec.hosts], check).values())
+    names = [h.name for h in spec.hosts if h.name not in hosts.down]
+    return sum(on_hosts("preflight", names, check).values())
 
 
-def apply_host_actions(hosts: Hosts, plan: Plan, api_key: str | None) -> None:
-    """Write state files and start or reload supervisord on every host that needs it."""
+def apply_host_actions(hosts: Hosts, plan: Plan, keys: KeyStore) -> None:
+    """Write state files (the key store on the API host, 0600) and start or reload supervisord."""
     spec = hosts.spec
     api_host = spec.api_server.host
 
@@ -143,8 +149,9 @@ def apply_host_actions(hosts: Hosts, plan: Plan, api_key: str | None) -> None:
         for action in plan.for_host(host):
             if isinstance(action, StartSupervisor | UpdateSupervisor):
                 sup.write_config(spec, plan.configs[host])
-                if host == api_host and api_key and spec.api_server.key_enabled:
-                    hosts.connectors[host].put(f"{api_key}\n".encode(), sup.paths.api_keys, mode=0o600)
+                if host == api_host and keys and spec.api_server.key_enabled:
+                    store = keys.render(spec.name).encode()
+                    hosts.connectors[host].put(store, sup.paths.api_keys, mode=0o600)
                 if isinstance(action, StartSupervisor):
                     sup.start()
                 else:
@@ -163,15 +170,23 @@ def apply_host_actions(hosts: Hosts, plan: Plan, api_key: str | None) -> None:
 def start_components(hosts: Hosts, plan: Plan, names: set[str]) -> list[Component]:
     """Start (or restart) the planned components among ``names``; returns them."""
     grace = float(hosts.spec.supervision.stop_grace)
-    started = []
-    for action in plan.actions:
-        if isinstance(action, StartComponent | RestartComponent) and action.component.name in names:
-            sup = hosts.supervisors[action.host]
-            if isinstance(action, RestartComponent):
-                sup.stop_program(action.component.name, grace=grace)
-            sup.start_program(action.component.name)
-            started.append(action.component)
-    return started
+    actions = [
+        a
+        for a in plan.actions
+        if isinstance(a, StartComponent | RestartComponent) and a.component.name in names
+    ]
+
+    def start_on(host: str) -> None:
+        # In plan order on one host; every host at once, so workers on different hosts start together.
+        for action in actions:
+            if action.host == host:
+                sup = hosts.supervisors[host]
+                if isinstance(action, RestartComponent):
+                    sup.stop_program(action.component.name, grace=grace)
+                sup.start_program(action.component.name)
+
+    on_hosts("start", [a.host for a in actions], start_on)
+    return [a.component for a in actions]
 
 
 def served_models(hosts: Hosts, components: list[Component]) -> tuple[ServedModel, ...]:
@@ -193,10 +208,16 @@ def served_models(hosts: Hosts, components: list[Component]) -> tuple[ServedMode
     return tuple(models)
 
 
-def check_api_from_here(base_url: str) -> None:
-    """The API server's port must answer from where ``up`` runs too (agents will call it from here)."""
+def check_api_from_here(base_url: str, cert_pem: str | None = None) -> None:
+    """The API server's port must answer from where ``up`` runs too (agents will call it from here).
+
+    With TLS, ``cert_pem`` (the server's own certificate) is what the request trusts.
+    """
     url = base_url.removesuffix("/v1") + "/health"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if cert_pem:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl_context(cert_pem)))
+    opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(url, timeout=10) as resp:
             if resp.status == 200:
@@ -210,17 +231,45 @@ def check_api_from_here(base_url: str) -> None:
     )
 
 
-def run_up(hosts: Hosts, reporter: Reporter, *, output_dir: Path | None) -> UpResult:
-    """Bring the cluster to the spec, prove it serves, write the client config."""
+def api_certificate(hosts: Hosts) -> str | None:
+    """The API server's TLS certificate (PEM) read from its host, or None without TLS."""
+    api = hosts.spec.api_server
+    if not api.tls_cert:
+        return None
+    path = hosts.spec.host(api.host).path(api.tls_cert)
+    pem = hosts.agents[api.host].read(path)
+    if not pem:
+        raise PreflightError(
+            f"{api.host}: cannot read the API server's certificate {path}",
+            hint="check api_server.tls.cert in the spec",
+        )
+    return pem
+
+
+def run_up(
+    hosts: Hosts, reporter: Reporter, *, output_dir: Path | None, keys: KeyStore | None = None
+) -> UpResult:
+    """Bring the cluster to the spec, prove it serves, write the client config.
+
+    Args:
+        hosts: The connected hosts.
+        reporter: Where phases are reported.
+        output_dir: Where the client config goes (None: nowhere).
+        keys: The key store to apply (``rotate-key``, ``keys add``); by default the one on the
+            API host, or a new ``default`` key when there is none.
+    """
     spec = hosts.spec
     ensure_models(hosts, reporter)
     api_agent = hosts.agents[spec.api_server.host]
     with reporter.phase("plan") as phase:
-        key = read_api_key(api_agent, host_paths(spec.host(spec.api_server.host)).api_keys)
-        if spec.api_server.key_enabled and key is None:
-            key = secrets.token_urlsafe(32)  # written with the API host's state files
-        key = key if spec.api_server.key_enabled else None
-        plan = make_plan(spec, observe(hosts), api_key_digest=key_digest(key))
+        if keys is None:
+            keys = read_key_store(api_agent, host_paths(spec.host(spec.api_server.host)).api_keys)
+        if spec.api_server.key_enabled and not keys:
+            keys = KeyStore.generate()  # written with the API host's state files
+        keys = keys if spec.api_server.key_enabled else KeyStore()
+        key = keys.default
+        plan = make_plan(spec, observe(hosts), api_key_digest=keys.digest)
+        plan = without_hosts(plan, set(hosts.down))  # a degraded up leaves them alone
         phase.detail = f"{len(plan.actions)} action(s)" if plan else "nothing to change"
     if not plan:
         reporter.note(f"  all {len(plan.components)} components already running with this spec")
@@ -234,7 +283,7 @@ def run_up(hosts: Hosts, reporter: Reporter, *, output_dir: Path | None) -> UpRe
         ]
         if host_actions:
             with reporter.phase("start supervisors") as phase:
-                apply_host_actions(hosts, plan, key)
+                apply_host_actions(hosts, plan, keys)
                 phase.detail = ", ".join(dict.fromkeys(a.host for a in host_actions))
     ladder = Ladder(
         spec, hosts.supervisors, hosts.head, plan.components, api_key=key, on_progress=reporter.progress
@@ -255,12 +304,13 @@ def run_up(hosts: Hosts, reporter: Reporter, *, output_dir: Path | None) -> UpRe
     with reporter.phase("health") as phase:
         ladder.wait_components(plan.components)
         ladder.wait_models([m.name for m in spec.models])
-        check_api_from_here(spec.api_server.base_url)
+        cert_pem = api_certificate(hosts)
+        check_api_from_here(spec.api_server.base_url, cert_pem)
         phase.detail = f"{len(spec.models)} model(s) answer through {spec.api_server.base_url}"
     models = served_models(hosts, list(plan.components))
     client = None
     if output_dir is not None:
-        with reporter.phase("client config") as phase:
+        with reporter.phase("client config") as phase, trusting(cert_pem):
             client = write_client_config(
                 output_dir,
                 cluster=spec.name,

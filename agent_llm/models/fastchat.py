@@ -7,7 +7,9 @@ So token counts come from the server, and option scoring renders the prompt loca
 
 - ``count_tokens``: with ``conv_template``, the rendered prompt is counted by the server's
   tokenizer (``/api/v1/token_check``, no model pass); without it, a one-token chat completion's
-  ``usage.prompt_tokens``. Both are exact, and cached per message list.
+  ``usage.prompt_tokens``. Both are exact, and cached per message list. The context pre-check
+  of each call skips the count when the rendered prompt has fewer bytes than the room left
+  (a token is never shorter than a byte), so it costs a round trip only near the limit.
 - ``choose_from_options``: with ``conv_template`` on a transformers ``model_worker``, every
   ``prompt + option + end-of-turn`` is scored in one ``/v1/completions`` request
   (``echo`` + ``logprobs``, nothing generated but one token); otherwise generate and match.
@@ -29,6 +31,8 @@ from agent_llm.tokens import message_text
 __all__ = ["FastChatLanguageBackend", "render_conversation"]
 
 _CACHE_SIZE = 512
+# Tokens a prompt can have beyond one per byte of its text: BOS/EOS and a leading "▁".
+_TOKENS_BEYOND_BYTES = 8
 # A fixed conversation for checking once that the configured template is the worker's.
 _PROBE = [{"role": "system", "content": "You are a probe."}, {"role": "user", "content": "Say ok."}]
 
@@ -96,6 +100,12 @@ class FastChatLanguageBackend(OpenAILanguageBackend):
 
     def _check_prompt(self, messages: Sequence[Message], max_new: int) -> None:
         # The server counts, so a failure here is a real problem, never a reason to skip the check.
+        if self.conv_template:
+            # No tokenizer makes more tokens than the text has bytes (plus BOS and a dummy
+            # prefix): a prompt far from the limit needs no round trip to be counted.
+            rendered = len(self._render(messages).encode("utf-8"))
+            if rendered + _TOKENS_BEYOND_BYTES + max_new <= self.context_length:
+                return
         self.check_context(self.count_tokens(messages), max_new)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:

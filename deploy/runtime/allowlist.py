@@ -9,13 +9,21 @@ writes these files and the runtime refuses the rest.
   ``/register_worker`` needs a listed worker URL, sent from a listed client address. Without
   ``"hosts"`` the client address is not checked.
 - Worker, ``--allowed-clients-file``: ``{"hosts": [ip, ...]}``. The generation routes answer
-  those addresses and loopback.
+  those addresses and this host's loopback (``127.0.0.1``, ``::1``). Other ``127.x`` addresses
+  count as foreign: clusters on one machine give their simulated hosts such addresses, and a
+  local process loses nothing (it can always use ``127.0.0.1``).
+
+A ``"hosts"`` entry may also be a host name: it stands for every address it resolves to when
+the file is loaded (the controller loads its file on every registration, a worker at start). A
+name that does not resolve is an error, so a broken resolver refuses rather than admits.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +33,10 @@ from deploy.runtime.errors import ConfigFileError
 __all__ = ["ClientAllowlist", "IPAddress", "WorkerAllowlist", "parse_address"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$"
+)
+LOOPBACK: frozenset[IPAddress] = frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
 
 
 def parse_address(text: str | None) -> IPAddress | None:
@@ -82,7 +94,7 @@ class WorkerAllowlist:
 
 @dataclass(frozen=True)
 class ClientAllowlist:
-    """A worker's list of client addresses allowed on its generation routes (plus loopback).
+    """A worker's list of client addresses allowed on its generation routes (plus ``LOOPBACK``).
 
     Attributes:
         hosts: The allowed client addresses.
@@ -105,7 +117,7 @@ class ClientAllowlist:
     def permits(self, client_host: str | None) -> bool:
         """Whether a request from ``client_host`` may use the generation routes."""
         address = parse_address(client_host)
-        return address is not None and (address.is_loopback or address in self.hosts)
+        return address is not None and (address in LOOPBACK or address in self.hosts)
 
 
 def _read_json_object(path: Path, flag: str, allowed_keys: set[str]) -> dict[str, Any]:
@@ -135,7 +147,19 @@ def _address_set(data: dict[str, Any], path: Path, flag: str) -> frozenset[IPAdd
     addresses: list[IPAddress] = []
     for item in _string_list(data, "hosts", path, flag):
         address = parse_address(item.strip())
-        if address is None:
-            raise ConfigFileError(f'{flag} {path}: "hosts" entry {item!r} is not an IP address')
-        addresses.append(address)
+        if address is not None:
+            addresses.append(address)
+            continue
+        if not _HOST_NAME.match(item.strip()):
+            raise ConfigFileError(f'{flag} {path}: "hosts" entry {item!r} is not an IP address or host name')
+        addresses += _resolve(item.strip(), path, flag)
     return frozenset(addresses)
+
+
+def _resolve(name: str, path: Path, flag: str) -> list[IPAddress]:
+    try:
+        infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigFileError(f'{flag} {path}: "hosts" entry {name!r} does not resolve ({exc})') from exc
+    resolved = [parse_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    return [a for a in resolved if a is not None]

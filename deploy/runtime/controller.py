@@ -5,6 +5,7 @@ Usage::
     python -m deploy.runtime.controller --host H --port P
         [--dispatch-method shortest_queue|lottery] [--heartbeat-expiration SECONDS (default 15)]
         [--allowed-workers-file PATH]
+        [--active-check-interval SECONDS (default 0: off)] [--active-check-timeout SECONDS (default 60)]
 
 Differences from ``python -m fastchat.serve.controller``:
 
@@ -12,7 +13,11 @@ Differences from ``python -m fastchat.serve.controller``:
   whenever uvicorn returns;
 - workers expire after 15 s without a heartbeat by default (upstream 90 s, i.e. a dead worker
   stayed routable for up to 3 minutes);
-- ``POST /list_workers`` lists each registered worker (upstream only lists model names);
+- ``POST /list_workers`` lists each registered worker (upstream only lists model names), and
+  under ``"suspended"`` the workers the active check took out of rotation;
+- with ``--active-check-interval``, a 1-token generation per worker every interval takes a
+  worker that stopped generating out of rotation, and puts it back once it generates again
+  (:mod:`deploy.runtime.activecheck`);
 - with ``--allowed-workers-file``, ``/register_worker`` refuses unlisted worker URLs and
   client addresses with 403 (upstream lets anyone register any URL);
 - no log file of its own: everything goes to stdout/stderr.
@@ -61,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help='JSON {"workers": [url, ...], "hosts": [ip, ...]}; others cannot register',
     )
+    parser.add_argument(
+        "--active-check-interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="send each worker a 1-token generation every SECONDS; 0 (default) turns it off",
+    )
+    parser.add_argument(
+        "--active-check-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a check slower than this takes the worker out of rotation (default 60)",
+    )
     return parser
 
 
@@ -101,21 +120,34 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     fastchat_controller.controller = fastchat_controller.Controller(args.dispatch_method)
     app = fastchat_controller.app
-    _add_list_workers(app, fastchat_controller)
+    check = None
+    if args.active_check_interval > 0:
+        from deploy.runtime.activecheck import ActiveCheck
+
+        check = ActiveCheck(
+            fastchat_controller.controller, args.active_check_interval, args.active_check_timeout
+        )
+        check.install()
+    _add_list_workers(app, fastchat_controller, check)
     if args.allowed_workers_file is not None:
         _guard_registration(app, args.allowed_workers_file)
     logger.info(
-        "controller: dispatch %s, heartbeat expiration %d s, registration %s",
+        "controller: dispatch %s, heartbeat expiration %d s, registration %s, active check %s",
         args.dispatch_method,
         args.heartbeat_expiration,
         f"limited by {args.allowed_workers_file}" if args.allowed_workers_file else "open",
+        f"every {args.active_check_interval:g} s" if check is not None else "off",
     )
     serve(app, component=COMPONENT, host=args.host, port=args.port, log_level="info")
 
 
-def _add_list_workers(app: Any, fastchat_controller: Any) -> None:
+def _add_list_workers(app: Any, fastchat_controller: Any, check: Any = None) -> None:
     async def list_workers() -> dict[str, Any]:
-        return describe_workers(fastchat_controller.controller.worker_info, time.time())
+        now = time.time()
+        answer = describe_workers(fastchat_controller.controller.worker_info, now)
+        if check is not None:
+            answer["suspended"] = check.describe(now)
+        return answer
 
     app.add_api_route("/list_workers", list_workers, methods=["POST"])
 

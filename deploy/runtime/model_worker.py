@@ -11,7 +11,10 @@ Differences from upstream:
 
 - ``--conv-template`` is required: upstream guesses the template from the model path and
   falls back to a 1,500-token few-shot prompt (``one_shot``) for any name it does not know;
-- a heartbeat every 5 s by default (upstream 45 s), to match the controller's 15 s expiry;
+- a heartbeat every 5 s by default (upstream 45 s), to match the controller's 15 s expiry; a
+  failed heartbeat or re-registration is retried at the next beat instead of ending the
+  heartbeat thread (:mod:`deploy.runtime.heartbeat`), so a restarted controller gets the worker
+  back within one interval;
 - with ``--allowed-clients-file``, the generation routes answer only the listed client
   addresses and loopback (upstream: anyone who can reach the port);
 - it starts under transformers 5 (:mod:`deploy.runtime.compat`);
@@ -100,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     inference = sys.modules.get("fastchat.serve.inference")
     compat.patch_context_length([m for m in (fastchat_worker, inference) if m is not None])
     compat.ensure_batch_encode_plus()
+    from fastchat.serve import base_model_worker
+
+    from deploy.runtime.heartbeat import patch_heartbeat
+
+    patch_heartbeat(base_model_worker)
 
     sys.argv = [sys.argv[0], *fastchat_argv(args, rest)]
     fastchat_args, worker = _create_worker(fastchat_worker)

@@ -168,6 +168,21 @@ def test_prompt_that_cannot_fit_raises_before_the_request(fastchat_stack: FastCh
     assert llm.history == []
 
 
+def test_a_prompt_far_from_the_limit_is_not_sent_to_be_counted(
+    fastchat_stack: FastChatStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pre-check's byte bound holds for the served tokenizer and saves the count's round trip."""
+    llm = make(fastchat_stack)
+    for messages in (MESSAGES, [{"role": "user", "content": "ünïcødé ✓ 数字 42 " * 20}]):
+        rendered = render_conversation(CONV, messages)
+        assert server_prompt_tokens(fastchat_stack, messages) <= len(rendered.encode()) + 8
+    llm.count_tokens(MESSAGES)  # checks the template once
+    counted: list[str] = []
+    monkeypatch.setattr(llm, "_token_check", lambda prompt: counted.append(prompt) or 0)
+    llm.chat_completion([{"role": "user", "content": "A new question, never counted before?"}])
+    assert counted == []
+
+
 @pytest.mark.parametrize("conv_template", [CONV, None], ids=["token-check", "probe"])
 def test_servers_overflow_error_becomes_context_length_exceeded(
     fastchat_stack: FastChatStack, conv_template: str | None

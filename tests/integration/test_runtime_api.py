@@ -10,7 +10,7 @@ import openai
 import pytest
 
 if TYPE_CHECKING:
-    from conftest import FastChatStack
+    from deploy.devstack import Stack as FastChatStack
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 if TYPE_CHECKING:
-    from conftest import FastChatStack, RuntimeLauncher, RuntimeProcess
+    from deploy.devstack import RuntimeLauncher, RuntimeProcess
+    from deploy.devstack import Stack as FastChatStack
 
 STATUS = {"model_names": ["fake"], "speed": 1, "queue_length": 0}
 

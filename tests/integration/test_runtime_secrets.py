@@ -9,7 +9,8 @@ import httpx
 import openai
 
 if TYPE_CHECKING:
-    from conftest import FastChatStack, RuntimeLauncher
+    from deploy.devstack import RuntimeLauncher
+    from deploy.devstack import Stack as FastChatStack
 
 
 def _port(url: str) -> str:

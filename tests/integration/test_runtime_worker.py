@@ -18,7 +18,8 @@ import psutil
 import pytest
 
 if TYPE_CHECKING:
-    from conftest import FastChatStack, RuntimeLauncher
+    from deploy.devstack import RuntimeLauncher
+    from deploy.devstack import Stack as FastChatStack
 
 
 def _local_non_loopback_ipv4() -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[3] / "docs" / "agent_llm.md"
+DOC = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def test_custom_backend_example_runs() -> None:

@@ -1,4 +1,4 @@
-"""The command-line builder: flags, secrets, allowlist files, unsupported kinds."""
+"""The command-line builder: flags, secrets, allowlist files, the worker kinds."""
 
 from __future__ import annotations
 
@@ -38,12 +38,13 @@ def test_the_controller_accepts_exactly_the_specs_workers(spec: ClusterSpec) -> 
     assert json.loads(clients.content) == {"hosts": ["127.0.0.1"]}
 
 
-def test_host_names_instead_of_ips_leave_the_ip_allowlists_out() -> None:
+def test_host_names_go_into_the_allowlists_for_the_runtime_to_resolve() -> None:
     data = spec_data()
     data["hosts"]["local"]["address"] = "localhost"
     controller, _, worker = build_components(parse_cluster_spec(data, base_dir=Path("/")))
-    assert "hosts" not in json.loads(controller.files[0].content)
-    assert "--allowed-clients-file" not in worker.argv
+    assert json.loads(controller.files[0].content)["hosts"] == ["localhost"]
+    assert json.loads(worker.files[0].content) == {"hosts": ["localhost"]}
+    assert "--allowed-clients-file" in worker.argv
 
 
 def test_engine_flags() -> None:
@@ -69,14 +70,51 @@ def test_model_env_overrides_the_defaults(spec: ClusterSpec) -> None:
     assert (env["HF_HUB_OFFLINE"], env["EXTRA"]) == ("0", "1")
 
 
-@pytest.mark.parametrize("kind", ["vllm", "fastchat-vllm"])
-def test_kinds_not_yet_supported_are_refused_naming_the_model(kind: str) -> None:
+def gpu_spec(kind: str | None, **model: object) -> ClusterSpec:
     data = spec_data()
-    data["models"][0]["kind"] = kind
-    spec = parse_cluster_spec(data, base_dir=Path("/"), source="s.yaml")
-    with pytest.raises(
-        SpecError, match=rf"s.yaml: models\[0\].kind: worker kind '{kind}' is not supported yet"
-    ):
+    data["models"][0].update(
+        {"device": "cuda", "replicas": [{"host": "local", "port": 41003, "gpus": [2, 3]}]}
+    )
+    if kind is not None:
+        data["models"][0]["kind"] = kind
+    data["models"][0].update(model)
+    return parse_cluster_spec(data, base_dir=Path("/"), source="s.yaml")
+
+
+def test_a_gpu_model_defaults_to_vllm_and_a_cpu_model_to_hf(spec: ClusterSpec) -> None:
+    assert gpu_spec(None).models[0].kind == "vllm"
+    assert spec.models[0].kind == "hf"
+
+
+def test_vllm_kind_is_vllm_serve_on_loopback_behind_the_bridge_on_the_replica_port() -> None:
+    spec = gpu_spec("vllm", engine_args={"max_model_len": 4096, "gpu_memory_utilization": 0.8})
+    names = [c.name for c in build_components(spec)]
+    assert names == ["controller", "api_server", "worker-tiny-0-vllm", "worker-tiny-0"]
+    engine, bridge = build_components(spec)[2:]
+    assert (engine.role, engine.bind, engine.port) == ("engine", "127.0.0.1", 42003)
+    argv = list(engine.argv)
+    assert argv[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", spec.models[0].path]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"  # from the replica's two GPUs
+    assert argv[argv.index("--max-model-len") + 1] == "4096"
+    assert "--trust-remote-code" not in argv
+    assert dict(engine.env)["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert (bridge.role, bridge.port, bridge.url) == ("worker", 41003, "http://127.0.0.1:41003")
+    assert bridge.argv[bridge.argv.index("--upstream") + 1] == "http://127.0.0.1:42003"
+    assert bridge.argv[bridge.argv.index("--allowed-clients-file") + 1] == bridge.files[0].path
+
+
+def test_fastchat_vllm_kind_turns_remote_code_off_explicitly() -> None:
+    (worker,) = build_components(gpu_spec("fastchat-vllm"))[2:]
+    assert worker.argv[1:3] == ("-m", "fastchat.serve.vllm_worker")
+    assert "--trust_remote_code" in worker.argv  # FastChat's flag that turns remote code OFF
+    assert worker.argv[worker.argv.index("--num-gpus") + 1] == "2"
+
+
+@pytest.mark.parametrize("kind", ["vllm", "fastchat-vllm"])
+def test_an_unknown_engine_argument_is_refused_with_its_yaml_path(kind: str) -> None:
+    spec = gpu_spec(kind, engine_args={"max_modle_len": 4096})
+    with pytest.raises(SpecError, match=r"s.yaml: models\[0\].engine_args.max_modle_len: "):
         build_components(spec)
 
 

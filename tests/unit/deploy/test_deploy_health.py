@@ -97,7 +97,7 @@ def test_registration_is_checked_per_worker_url_not_per_model() -> None:
     spec = parse_cluster_spec(data, base_dir=Path("/"))
     host = healthy_host()
     host.program("worker-tiny-1", pid=103)
-    host.http["http://127.0.0.1:41004/worker_get_status"] = (200, {})
+    host.http["http://127.0.0.1:41004/worker_get_status"] = (200, {"model_names": ["tiny"]})
     ladder, _ = make(spec, host)
     # The model is registered (by replica 0), replica 1 is not: only replica 1 fails.
     with pytest.raises(ReadinessError) as info:
@@ -120,8 +120,18 @@ def test_a_step_past_its_deadline_names_the_step(spec: ClusterSpec) -> None:
 
 def test_the_port_step_waits_while_the_process_is_alive(spec: ClusterSpec) -> None:
     host = healthy_host()
-    answers = iter(["connection refused", "connection refused", (200, {})])
+    answers = iter(["connection refused", "connection refused", (200, {"model_names": ["tiny"]})])
     host.http[f"{WORKER}/worker_get_status"] = lambda op: next(answers)
     ladder, seen = make(spec, host)
     ladder.wait_components(build_components(spec)[2:])
     assert [r[0].step for r in seen] == ["loading the model", "loading the model", "ready"]
+
+
+def test_a_worker_listing_no_model_yet_is_still_loading(spec: ClusterSpec) -> None:
+    """A vllm bridge answers at once, but lists its model only once vLLM serves it."""
+    host = healthy_host()
+    answers = iter([(200, {"model_names": []}), (200, {"model_names": ["tiny"]})])
+    host.http[f"{WORKER}/worker_get_status"] = lambda op: next(answers)
+    ladder, seen = make(spec, host)
+    ladder.wait_components(build_components(spec)[2:])
+    assert [r[0].step for r in seen] == ["loading the model", "ready"]

@@ -7,11 +7,18 @@ from pathlib import Path
 
 import pytest
 from deploy_helpers import spec_data
+from supervisor.datatypes import RestartWhenExitUnexpected
 
 from deploy.commandlines import build_components
 from deploy.errors import SpecError
+from deploy.runtime.restarter import GAVE_UP
 from deploy.spec import ClusterSpec, parse_cluster_spec
-from deploy.supervisor_conf import FINGERPRINT_ENV, program_fingerprint, render_supervisord_conf
+from deploy.supervisor_conf import (
+    FINGERPRINT_ENV,
+    program_fingerprint,
+    render_supervisord_conf,
+    supervised_argv,
+)
 
 
 def load(tmp_path: Path, text: str) -> object:
@@ -34,7 +41,10 @@ def test_supervisord_reads_every_program_as_rendered(tmp_path: Path) -> None:
     assert sorted(programs) == ["api_server", "controller", "worker-tiny-0"]
     for c in components:
         p = programs[c.name]
-        assert p.command == " ".join(c.argv)
+        # Behind the restarter (backoff and cap), which execs the component's own argv.
+        assert p.command == " ".join(supervised_argv(spec, c))
+        assert p.command.endswith(" -- " + " ".join(c.argv))
+        assert (p.autorestart, p.exitcodes) == (RestartWhenExitUnexpected, [GAVE_UP])
         assert p.environment[FINGERPRINT_ENV] == program_fingerprint(spec, c)
         assert p.environment["LLM_DEPLOY_COMPONENT"] == c.name
         assert (p.autostart, p.stopasgroup, p.killasgroup, p.redirect_stderr) == (False, True, True, True)

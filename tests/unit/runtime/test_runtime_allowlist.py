@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def test_worker_allowlist_without_hosts_checks_urls_only(tmp_path: Path) -> None
         ([], "expected a JSON object"),
         ({"hosts": []}, 'missing key "workers"'),
         ({"workers": "http://h:1"}, '"workers" must be a list of strings'),
-        ({"workers": [], "hosts": ["head-node"]}, "'head-node' is not an IP address"),
+        ({"workers": [], "hosts": ["head node"]}, "'head node' is not an IP address or host name"),
+        # A name is resolved when the file is loaded; one that does not resolve refuses (fails closed).
+        ({"workers": [], "hosts": ["head-node.invalid"]}, "'head-node.invalid' does not resolve"),
         ({"workers": [], "host": []}, "unknown key"),
     ],
 )
@@ -65,7 +68,9 @@ def test_client_allowlist(tmp_path: Path) -> None:
     allowlist = ClientAllowlist.load(_write(tmp_path / "c.json", {"hosts": ["10.0.0.1", "fd00::1"]}))
     assert allowlist.permits("10.0.0.1")
     assert allowlist.permits("fd00:0::1")
-    assert allowlist.permits("127.0.0.1") and allowlist.permits("127.3.4.5") and allowlist.permits("::1")
+    assert allowlist.permits("127.0.0.1") and allowlist.permits("::1")
+    # Only this host's own loopback: other 127.x addresses stand for other hosts in one-machine clusters.
+    assert not allowlist.permits("127.3.4.5")
     assert not allowlist.permits("10.0.0.2")
     assert not allowlist.permits(None)
     assert not allowlist.permits("not-an-address")
@@ -80,3 +85,10 @@ def test_parse_address() -> None:
     assert str(parse_address("::ffff:192.0.2.1")) == "192.0.2.1"
     assert parse_address("") is None
     assert parse_address("example.org") is None
+
+
+def test_a_host_name_stands_for_the_addresses_it_resolves_to(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.json", {"hosts": ["localhost", "10.0.0.1"]})
+    allowlist = ClientAllowlist.load(path)
+    assert allowlist.permits("10.0.0.1") and not allowlist.permits("10.0.0.2")
+    assert ipaddress.ip_address("127.0.0.1") in allowlist.hosts

@@ -1,0 +1,1 @@
+"""Data files read by ``deploy``: the recorded vLLM flag lists (see ``scripts/refresh-vllm-flags.py``)."""

@@ -1,0 +1,122 @@
+"""``watch``, the restarter's backoff and the active check's bookkeeping (real HTTP for the webhook)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from deploy.runtime.activecheck import ActiveCheck
+from deploy.runtime.restarter import RestartRecord, backoff_delay, next_record
+from deploy.status import ClusterStatus, ComponentStatus
+from deploy.watch import StateChange, Watcher, changes, post_webhook
+
+
+def status(**rows: tuple[str, bool]) -> ClusterStatus:
+    return ClusterStatus(
+        "c", tuple(ComponentStatus(n, "h", "", s, ok, reason="why") for n, (s, ok) in rows.items())
+    )
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    assert [backoff_delay(n, 1.0, 5.0) for n in range(5)] == [0.0, 1.0, 2.0, 4.0, 5.0]
+
+
+def test_quick_crashes_give_up_after_the_retries_and_a_stable_run_resets() -> None:
+    kw: dict[str, Any] = {"initial": 1.0, "cap": 60.0, "retries": 2, "stable": 10.0}
+    r = next_record(RestartRecord(), 100.0, **kw)
+    assert (r.started_at, r.quick_crashes, r.restarts) == (100.0, 0, 0)
+    r = next_record(r, 103.0, **kw)
+    assert (r.quick_crashes, r.waiting, r.restarts, r.gave_up) == (1, 1.0, 1, False)
+    r = next_record(r, r.started_at + 1, **kw)
+    assert (r.quick_crashes, r.waiting, r.gave_up) == (2, 2.0, False)
+    assert next_record(r, r.started_at + 1, **kw).gave_up
+    stable = next_record(r, r.started_at + 11, **kw)
+    assert (stable.quick_crashes, stable.waiting, stable.gave_up) == (0, 0.0, False)
+
+
+def test_changes_report_transitions_and_the_first_round_reports_only_the_unhealthy() -> None:
+    first = status(controller=("RUNNING", True), w=("FATAL", False))
+    assert [(c.component, c.old_state, c.new_state) for c in changes(None, first)] == [
+        ("w", "UNKNOWN", "FATAL")
+    ]
+    second = status(controller=("RUNNING", False), w=("RUNNING", True))
+    found = [(c.component, c.old_state, c.new_state) for c in changes(first, second)]
+    assert found == [("controller", "HEALTHY", "UNHEALTHY"), ("w", "FATAL", "HEALTHY")]
+    assert changes(second, second) == []
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    received: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/hook", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_watcher_prints_and_posts_each_change(webhook: tuple[str, list[dict[str, Any]]]) -> None:
+    url, received = webhook
+    seen = iter([status(w=("RUNNING", True)), status(w=("EXITED", False))])
+    lines: list[str] = []
+    watcher = Watcher(lambda: next(seen), 0.01, url, lines.append)
+    assert [len(r) for r in watcher.rounds(2)] == [0, 1]
+    assert received == [
+        {
+            "cluster": "c",
+            "component": "w",
+            "host": "h",
+            "old_state": "HEALTHY",
+            "new_state": "EXITED",
+            "reason": "why",
+            "time": received[0]["time"],
+        }
+    ]
+    assert "w on h: HEALTHY -> EXITED: why" in lines[0]
+
+
+def test_a_failing_webhook_is_reported_not_raised() -> None:
+    change = StateChange("c", "w", "h", "A", "B", "", "t")
+    assert post_webhook("http://127.0.0.1:9/none", change, timeout=2) is not None
+
+
+def test_the_active_check_suspends_holds_back_registration_and_readmits() -> None:
+    registry: dict[str, Any] = {}
+    registered: list[str] = []
+
+    def register(url: str, check: bool, status: Any, multimodal: bool = False) -> bool:
+        registered.append(url)
+        registry[url] = SimpleNamespace(model_names=["tiny"], check_heart_beat=check, multimodal=multimodal)
+        return True
+
+    controller = SimpleNamespace(worker_info=registry, register_worker=register)
+    verdict: dict[str, str | None] = {"http://w": "hangs"}
+    check = ActiveCheck(controller, 60, 1, checker=lambda url, names, timeout: verdict[url])
+    controller.register_worker = check._register_unless_suspended  # as install() does, without the thread
+    register("http://w", True, None)
+    check.check_round()
+    assert "http://w" not in registry and check.describe(0)["http://w"]["reason"] == "hangs"
+    assert controller.register_worker("http://w", True, None) is True  # held back
+    assert "http://w" not in registry
+    verdict["http://w"] = None
+    check.check_round()
+    assert "http://w" in registry and check.suspended == {}
