@@ -25,33 +25,12 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from cli_helpers import free_ports, pid_alive
 from click.testing import CliRunner, Result
 
 from deploy.cli import main
 
 OUTSIDE = "127.0.0.2"  # a source address no allowlist of the cluster names
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,20 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from cli_helpers import free_ports
 from click.testing import CliRunner, Result
 
 from deploy.cli import main
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def make_self_signed(cert: Path, key: Path) -> None:

@@ -24,9 +24,8 @@ from typing import Any
 
 import pytest
 import yaml
-from click.testing import CliRunner, Result
+from cli_helpers import cli, free_ports, pid_alive
 
-from deploy.cli import main
 from deploy.polling import poll_until
 
 HEARTBEAT_INTERVAL = 2
@@ -34,34 +33,6 @@ HEARTBEAT_EXPIRATION = 6
 CHECK_INTERVAL = 2.0
 CHECK_TIMEOUT = 4.0
 MARGIN = 20.0  # a loaded 2-core CI machine
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def cli(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 class Cluster:
@@ -282,3 +253,71 @@ def test_a_crash_looping_worker_is_marked_failed_while_the_other_serves(cluster:
     assert result.exit_code == 0, result.output
     row = cluster.status()["worker-tiny-1"]
     assert row["healthy"] and row["restarts"] == 0, row
+
+
+def test_a_worker_killed_under_load_fails_requests_clearly_and_the_other_serves_the_rest(
+    cluster: Cluster,
+) -> None:
+    """Streaming and plain chats from 6 threads while one of the two workers is killed."""
+    import threading
+
+    import openai
+
+    timeout = 30.0
+    client = openai.OpenAI(
+        base_url=f"{cluster.url('api_server')}/v1", api_key=cluster.key(), timeout=timeout, max_retries=0
+    )
+    messages: Any = [{"role": "user", "content": "Say something."}]
+    results: list[tuple[float, float, str]] = []  # (started, seconds, "ok" or the error)
+    stop = threading.Event()
+
+    def one(stream: bool) -> None:
+        started = time.monotonic()
+        try:
+            if stream:
+                chunks = client.chat.completions.create(
+                    model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True
+                )
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            else:
+                reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8)
+                text = reply.choices[0].message.content or ""
+            outcome = "ok" if "ERROR" not in text.upper() else f"in-band error: {text[:120]}"
+        except openai.APIError as exc:  # the clear errors a client gets: status, message
+            outcome = f"{type(exc).__name__}: {str(exc)[:120]}"
+        results.append((started, time.monotonic() - started, outcome))
+
+    def load(index: int) -> None:
+        while not stop.is_set():
+            one(stream=index % 2 == 0)
+
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(2)  # a load window (not a readiness wait): load reaches both workers
+    pid = cluster.status()["worker-tiny-0"]["pid"]
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    poll_until(
+        lambda: True if not registered(cluster, "worker-tiny-0") else None,
+        seconds=CHECK_INTERVAL + CHECK_TIMEOUT + MARGIN,
+        what="killed worker out of rotation",
+    )
+    left = time.monotonic()
+    time.sleep(6)  # a load window: the survivor carries the whole load
+    stop.set()
+    for t in threads:
+        t.join(timeout + 5)
+    assert not any(t.is_alive() for t in threads), "a request hung past its timeout"
+    failed = [r for r in results if r[2] != "ok"]
+    after = [r for r in results if r[0] > left + 1]
+    print(
+        f"\nload while killing a worker: {len(results)} requests, {len(failed)} failed "
+        f"(within {left - killed:.1f} s of the kill), {len(after)} after it left rotation"
+    )
+    assert all(seconds <= timeout + 1 for _, seconds, _ in results)
+    assert all(started <= left + 1 for started, _, _ in failed), failed
+    assert after and all(outcome == "ok" for _, _, outcome in after)
+    poll_until(
+        lambda: True if registered(cluster, "worker-tiny-0") else None, seconds=120, what="worker back"
+    )
