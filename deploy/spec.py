@@ -212,7 +212,7 @@ class HealthSpec:
     until a check passes again (0 disables the check).
     """
 
-    active_check_interval: float = 15.0
+    active_check_interval: float = 3.0
     active_check_timeout: float = 60.0
 
 
