@@ -9,12 +9,16 @@ store restarts the server.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from deploy.commandlines import host_paths
 from deploy.keys import KeyStore, key_digest
-from deploy.remote import HostAgent
 from deploy.spec import ClusterSpec
 
-__all__ = ["key_digest", "key_store_path", "read_api_key", "read_key_store"]
+if TYPE_CHECKING:
+    from deploy.hosts import Hosts
+
+__all__ = ["key_digest", "key_store_path", "read_key_store"]
 
 
 def key_store_path(spec: ClusterSpec) -> str:
@@ -22,11 +26,7 @@ def key_store_path(spec: ClusterSpec) -> str:
     return host_paths(spec.host(spec.api_server.host)).api_keys
 
 
-def read_key_store(agent: HostAgent, path: str) -> KeyStore:
-    """The key store at ``path`` on the agent's host (empty when the file does not exist)."""
-    return KeyStore.parse(agent.read(path))
-
-
-def read_api_key(agent: HostAgent, path: str) -> str | None:
-    """The ``default`` key in the store at ``path`` on the host, or None when there is none."""
-    return read_key_store(agent, path).default
+def read_key_store(hosts: Hosts) -> KeyStore:
+    """The key store on the cluster's API server host (empty when the file does not exist)."""
+    agent = hosts.agents[hosts.spec.api_server.host]
+    return KeyStore.parse(agent.read(key_store_path(hosts.spec)))

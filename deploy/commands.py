@@ -44,9 +44,8 @@ def plan(spec: ClusterSpec, *, offline: bool = False, connectors: Connectors = N
     if offline:
         return make_plan(spec, ObservedState())
     with connect(spec, connectors=connectors) as hosts:
-        api = hosts.spec.api_server
-        keys = read_key_store(hosts.agents[api.host], host_paths(hosts.spec.host(api.host)).api_keys)
-        return make_plan(hosts.spec, observe(hosts), api_key_digest=keys.digest if api.key_enabled else "")
+        digest = read_key_store(hosts).digest if hosts.spec.api_server.key_enabled else ""
+        return make_plan(hosts.spec, observe(hosts), api_key_digest=digest)
 
 
 def up(

@@ -54,7 +54,7 @@ def list_keys(spec: ClusterSpec, *, connectors: Connectors = None) -> list[tuple
     """``(name, digest)`` of every key; the keys themselves are never returned."""
     _check_enabled(spec)
     with connect(spec, connectors=connectors) as hosts:
-        return read_key_store(hosts.agents[spec.api_server.host], key_store_path(hosts.spec)).digests()
+        return read_key_store(hosts).digests()
 
 
 def add_key(
@@ -115,7 +115,7 @@ def _change(
     reporter = reporter or RecordingReporter()
     with cluster_lock(spec.name, action="keys"), ExitStack() as stack:
         hosts = stack.enter_context(connect(spec, connectors=connectors))
-        old = read_key_store(hosts.agents[spec.api_server.host], key_store_path(hosts.spec))
+        old = read_key_store(hosts)
         if not old:
             raise DeployError(
                 f"cluster {spec.name!r} has no API key store yet ({key_store_path(hosts.spec)} on "

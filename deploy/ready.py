@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.apikey import key_store_path, read_key_store
+from deploy.apikey import read_key_store
 from deploy.errors import DeployError
 from deploy.hosts import connect
 from deploy.plan import make_plan
@@ -52,7 +52,7 @@ def check_ready(spec: ClusterSpec, *, output_dir: Path | None) -> ReadyResult:
     reporter = RecordingReporter()
     with connect(spec) as hosts:
         api = hosts.spec.api_server
-        keys = read_key_store(hosts.agents[api.host], key_store_path(hosts.spec))
+        keys = read_key_store(hosts)
         plan = make_plan(hosts.spec, observe(hosts), api_key_digest=keys.digest if api.key_enabled else "")
         if plan:
             actions = "; ".join(f"{a.host}: {a.describe()}" for a in plan.actions)

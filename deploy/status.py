@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from deploy.apikey import read_key_store
-from deploy.commandlines import Component, build_components, host_paths
+from deploy.commandlines import Component, build_components
 from deploy.errors import PhaseFailed
 from deploy.healing import heal_row
 from deploy.health import port_probe
@@ -90,9 +90,7 @@ def cluster_status(hosts: Hosts) -> ClusterStatus:
     observed, unreachable = _observe(hosts)
     keys = KeyStore()
     if spec.api_server.key_enabled and spec.api_server.host not in unreachable:
-        keys = read_key_store(
-            hosts.agents[spec.api_server.host], host_paths(spec.host(spec.api_server.host)).api_keys
-        )
+        keys = read_key_store(hosts)
     key = keys.default
     components = build_components(spec, api_key_digest=keys.digest)
     probes: dict[str, HttpAnswer] = _engine_probes(hosts, components, unreachable)

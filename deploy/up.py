@@ -260,10 +260,9 @@ def run_up(
     """
     spec = hosts.spec
     ensure_models(hosts, reporter)
-    api_agent = hosts.agents[spec.api_server.host]
     with reporter.phase("plan") as phase:
         if keys is None:
-            keys = read_key_store(api_agent, host_paths(spec.host(spec.api_server.host)).api_keys)
+            keys = read_key_store(hosts)
         if spec.api_server.key_enabled and not keys:
             keys = KeyStore.generate()  # written with the API host's state files
         keys = keys if spec.api_server.key_enabled else KeyStore()

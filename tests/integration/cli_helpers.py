@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
+import yaml
 from click.testing import CliRunner, Result
 
 from deploy.cli import main
@@ -38,3 +40,49 @@ def pid_alive(pid: int) -> bool:
 def cli(*args: str) -> Result:
     """``llm-deploy ARGS`` in this process (click's runner; exceptions propagate)."""
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def write_local_spec(
+    root: Path,
+    model: Path,
+    name: str,
+    *,
+    replicas: int = 1,
+    controller: dict[str, Any] | None = None,
+    api_server: dict[str, Any] | None = None,
+    model_fields: dict[str, Any] | None = None,
+    supervision: dict[str, Any] | None = None,
+    **top: Any,
+) -> tuple[Path, dict[str, int]]:
+    """``root/cluster.yaml``: one local host (state in ``root/state``) serving ``model`` as ``tiny``.
+
+    Every port is a free one; the dicts add to (or override) the matching sections. Returns the
+    spec's path and the ports by component (``controller``, ``api_server``, ``worker-tiny-<j>``).
+    """
+    ports = dict(
+        zip(
+            ["controller", "api_server", *(f"worker-tiny-{j}" for j in range(replicas))],
+            free_ports(2 + replicas),
+            strict=True,
+        )
+    )
+    spec = {
+        "cluster": name,
+        "hosts": {"local": {"state_dir": str(root / "state")}},
+        "controller": {"host": "local", "port": ports["controller"], **(controller or {})},
+        "api_server": {"host": "local", "port": ports["api_server"], **(api_server or {})},
+        "models": [
+            {
+                "name": "tiny",
+                "path": str(model),
+                "conv_template": "qwen-7b-chat",
+                "replicas": [{"host": "local", "port": ports[f"worker-tiny-{j}"]} for j in range(replicas)],
+                **(model_fields or {}),
+            }
+        ],
+        "supervision": {"stop_grace": 5, **(supervision or {})},
+        **top,
+    }
+    path = root / "cluster.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path, ports

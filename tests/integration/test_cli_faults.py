@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from cli_helpers import cli, free_ports, pid_alive
+from cli_helpers import cli, pid_alive, write_local_spec
 from click.testing import Result
 
 from deploy.lock import cluster_lock
@@ -31,24 +31,7 @@ class Cluster:
     def __init__(self, root: Path, model: Path) -> None:
         self.root = root
         self.state = root / "state"
-        self.ports = dict(zip(("controller", "api_server", "worker"), free_ports(3), strict=True))
-        spec = {
-            "cluster": f"it-faults-{os.getpid()}-{root.name}",
-            "hosts": {"local": {"state_dir": str(self.state)}},
-            "controller": {"host": "local", "port": self.ports["controller"]},
-            "api_server": {"host": "local", "port": self.ports["api_server"]},
-            "models": [
-                {
-                    "name": "tiny",
-                    "path": str(model),
-                    "conv_template": "qwen-7b-chat",
-                    "replicas": [{"host": "local", "port": self.ports["worker"]}],
-                }
-            ],
-            "supervision": {"stop_grace": 5},
-        }
-        self.spec = root / "cluster.yaml"
-        self.spec.write_text(yaml.safe_dump(spec))
+        self.spec, self.ports = write_local_spec(root, model, f"it-faults-{os.getpid()}-{root.name}")
 
     def up(self) -> Result:
         return cli("up", str(self.spec), "--output-dir", str(self.root / "out"))

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from cli_helpers import free_ports, pid_alive
+from cli_helpers import pid_alive, write_local_spec
 from click.testing import CliRunner, Result
 
 from deploy.cli import main
@@ -54,29 +54,9 @@ class Cluster:
         return pids
 
 
-def write_cluster(root: Path, model: Path, name: str, **model_fields: Any) -> Cluster:
-    controller, api, worker = free_ports(3)
-    spec = {
-        "cluster": name,
-        "hosts": {"local": {"state_dir": str(root / "state")}},
-        "controller": {"host": "local", "port": controller},
-        "api_server": {"host": "local", "port": api},
-        "models": [
-            {
-                "name": "tiny",
-                "path": str(model),
-                "conv_template": "qwen-7b-chat",
-                "engine_args": {"seed": 42},
-                "replicas": [{"host": "local", "port": worker}],
-                **model_fields,
-            }
-        ],
-        "supervision": {"stop_grace": 5},
-    }
-    path = root / "cluster.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    ports = {"controller": controller, "api_server": api, "worker": worker}
-    return Cluster(path, root / "state", root / "out", name, ports)
+def write_cluster(root: Path, model: Path, name: str) -> Cluster:
+    spec, ports = write_local_spec(root, model, name, model_fields={"engine_args": {"seed": 42}})
+    return Cluster(spec, root / "state", root / "out", name, ports)
 
 
 @pytest.fixture(scope="module")

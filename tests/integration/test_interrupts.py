@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from cli_helpers import cli, free_ports, pid_alive
+from cli_helpers import cli, pid_alive, write_local_spec
 
 from deploy.polling import poll_until
 
@@ -70,24 +69,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
         root = tmp_path_factory.mktemp("interrupts")
         mp.setenv("LLM_DEPLOY_HOME", str(root / "home"))
         mp.delenv("FASTCHAT_API_KEY", raising=False)
-        controller, api, worker = free_ports(3)
-        spec = {
-            "cluster": f"it-interrupts-{os.getpid()}",
-            "hosts": {"local": {"state_dir": str(root / "state")}},
-            "controller": {"host": "local", "port": controller},
-            "api_server": {"host": "local", "port": api},
-            "models": [
-                {
-                    "name": "tiny",
-                    "path": str(tiny_model),
-                    "conv_template": "qwen-7b-chat",
-                    "replicas": [{"host": "local", "port": worker}],
-                }
-            ],
-            "supervision": {"stop_grace": 5},
-        }
-        (root / "cluster.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        c = Cluster(root / "cluster.yaml", root / "state", root / "out")
+        path, _ = write_local_spec(root, tiny_model, f"it-interrupts-{os.getpid()}")
+        c = Cluster(path, root / "state", root / "out")
         seen: set[int] = set()
         try:
             yield c

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from cli_helpers import free_ports, pid_alive
+from cli_helpers import pid_alive, write_local_spec
 from click.testing import CliRunner, Result
 
 from deploy.cli import main
@@ -58,7 +58,7 @@ class Cluster:
 
     @property
     def worker(self) -> str:
-        return f"http://127.0.0.1:{self.ports['worker']}"
+        return f"http://127.0.0.1:{self.ports['worker-tiny-0']}"
 
     def env_key(self) -> str:
         key = (self.out / ".env").read_text().strip().split("=", 1)[1]
@@ -81,26 +81,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
         root = tmp_path_factory.mktemp("secure")
         mp.setenv("LLM_DEPLOY_HOME", str(root / "home"))
         mp.delenv("FASTCHAT_API_KEY", raising=False)
-        controller, api, worker = free_ports(3)
-        spec = {
-            "cluster": f"it-secure-{os.getpid()}",
-            "hosts": {"local": {"state_dir": str(root / "state")}},
-            "controller": {"host": "local", "port": controller},
-            "api_server": {"host": "local", "port": api},
-            "models": [
-                {
-                    "name": "tiny",
-                    "path": str(tiny_model),
-                    "conv_template": "qwen-7b-chat",
-                    "engine_args": {"seed": 42},
-                    "replicas": [{"host": "local", "port": worker}],
-                }
-            ],
-            "supervision": {"stop_grace": 5},
-        }
-        path = root / "cluster.yaml"
-        path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        ports = {"controller": controller, "api_server": api, "worker": worker}
+        path, ports = write_local_spec(
+            root, tiny_model, f"it-secure-{os.getpid()}", model_fields={"engine_args": {"seed": 42}}
+        )
         c = Cluster(path, root / "state", root / "out", root / "alice.key", ports)
         up = c.cli("up", str(c.spec), "--output-dir", str(c.out))
         seen: set[int] = set()

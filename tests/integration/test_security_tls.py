@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from cli_helpers import free_ports
+from cli_helpers import write_local_spec
 from click.testing import CliRunner, Result
 
 from deploy.cli import main
@@ -81,25 +81,10 @@ def tls_cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> I
         mp.setenv("LLM_DEPLOY_HOME", str(root / "home"))
         mp.delenv("FASTCHAT_API_KEY", raising=False)
         mp.delenv("SSL_CERT_FILE", raising=False)
-        controller, api, worker = free_ports(3)
-        spec = {
-            "cluster": f"it-tls-{os.getpid()}",
-            "hosts": {"local": {"state_dir": str(root / "state")}},
-            "controller": {"host": "local", "port": controller},
-            # Relative paths resolve against the spec's folder.
-            "api_server": {"host": "local", "port": api, "tls": {"cert": "api.pem", "key": "api.key"}},
-            "models": [
-                {
-                    "name": "tiny",
-                    "path": str(tiny_model),
-                    "conv_template": "qwen-7b-chat",
-                    "replicas": [{"host": "local", "port": worker}],
-                }
-            ],
-            "supervision": {"stop_grace": 5},
-        }
-        path = root / "cluster.yaml"
-        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        # Relative paths resolve against the spec's folder.
+        tls = {"tls": {"cert": "api.pem", "key": "api.key"}}
+        path, ports = write_local_spec(root, tiny_model, f"it-tls-{os.getpid()}", api_server=tls)
+        api = ports["api_server"]
         up = CliRunner().invoke(
             main, ["up", str(path), "--output-dir", str(root / "out")], catch_exceptions=False
         )

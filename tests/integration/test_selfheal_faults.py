@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from cli_helpers import cli, free_ports, pid_alive
+from cli_helpers import cli, pid_alive, write_local_spec
 
 from deploy.polling import poll_until
 
@@ -39,37 +38,17 @@ class Cluster:
     def __init__(self, root: Path, model: Path) -> None:
         self.root = root
         self.model = model
-        controller, api, w0, w1 = free_ports(4)
-        self.ports = {"controller": controller, "api_server": api, "worker-tiny-0": w0, "worker-tiny-1": w1}
-        spec = {
-            "cluster": f"it-selfheal-{os.getpid()}",
-            "hosts": {"local": {"state_dir": str(root / "state")}},
-            "controller": {
-                "host": "local",
-                "port": controller,
-                "heartbeat": {"interval": HEARTBEAT_INTERVAL, "expiration": HEARTBEAT_EXPIRATION},
-            },
-            "api_server": {"host": "local", "port": api, "worker_timeout": 30},
-            "models": [
-                {
-                    "name": "tiny",
-                    "path": str(model),
-                    "conv_template": "qwen-7b-chat",
-                    "engine_args": {"seed": 42, "limit_worker_concurrency": 2},
-                    "replicas": [{"host": "local", "port": w0}, {"host": "local", "port": w1}],
-                }
-            ],
-            "health": {"active_check_interval": CHECK_INTERVAL, "active_check_timeout": CHECK_TIMEOUT},
-            "supervision": {
-                "stop_grace": 5,
-                "start_secs": 1,
-                "backoff_initial": 0.5,
-                "backoff_max": 2,
-                "max_restarts": 2,
-            },
-        }
-        self.spec = root / "cluster.yaml"
-        self.spec.write_text(yaml.safe_dump(spec, sort_keys=False))
+        self.spec, self.ports = write_local_spec(
+            root,
+            model,
+            f"it-selfheal-{os.getpid()}",
+            replicas=2,
+            controller={"heartbeat": {"interval": HEARTBEAT_INTERVAL, "expiration": HEARTBEAT_EXPIRATION}},
+            api_server={"worker_timeout": 30},
+            model_fields={"engine_args": {"seed": 42, "limit_worker_concurrency": 2}},
+            supervision={"start_secs": 1, "backoff_initial": 0.5, "backoff_max": 2, "max_restarts": 2},
+            health={"active_check_interval": CHECK_INTERVAL, "active_check_timeout": CHECK_TIMEOUT},
+        )
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"

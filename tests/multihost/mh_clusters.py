@@ -21,6 +21,20 @@ from deploy.cli import main
 from deploy.testhosts import Testbed, netns_pids
 
 
+def host_processes(testbed: Testbed, host: str) -> list[str]:
+    """Command lines of every process in ``host``'s namespace except its sshd and sessions."""
+    lines = []
+    for pid in netns_pids(testbed.netns[host]):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and cmd and not cmd.startswith(("sshd", "/usr/sbin/sshd")):
+            lines.append(f"{pid} {cmd}")
+    return lines
+
+
 @dataclass(frozen=True)
 class SSHCluster:
     """A cluster spec written for a testbed, and the CLI pointed at it."""
@@ -41,16 +55,7 @@ class SSHCluster:
 
     def host_processes(self, host: str) -> list[str]:
         """Command lines of every process in ``host``'s namespace except its sshd and sessions."""
-        lines = []
-        for pid in netns_pids(self.testbed.netns[host]):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-                state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
-            except (OSError, IndexError):
-                continue
-            if state != "Z" and cmd and not cmd.startswith(("sshd", "/usr/sbin/sshd")):
-                lines.append(f"{pid} {cmd}")
-        return lines
+        return host_processes(self.testbed, host)
 
     def in_host(self, host: str, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside ``host``'s network namespace (no SSH)."""

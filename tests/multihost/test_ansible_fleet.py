@@ -25,10 +25,11 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+from mh_clusters import host_processes
 
 from deploy.cli import main
 from deploy.keys import KeyStore
-from deploy.testhosts import Testbed, netns_pids
+from deploy.testhosts import Testbed
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTS = ("ctl", "gpu1", "gpu2")
@@ -112,16 +113,7 @@ class Fleet:
         return run
 
     def host_processes(self, host: str) -> list[str]:
-        lines = []
-        for pid in netns_pids(self.testbed.netns[host]):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-                state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
-            except (OSError, IndexError):
-                continue
-            if state != "Z" and cmd and not cmd.startswith(("sshd", "/usr/sbin/sshd")):
-                lines.append(f"{pid} {cmd}")
-        return lines
+        return host_processes(self.testbed, host)
 
     def close_ssh_masters(self) -> None:
         for socket in (self.root / "cp").glob("*"):
