@@ -167,7 +167,7 @@ def main() -> None:
     import torch
 
     from agent_llm.models import HuggingFaceLanguageBackend
-    from deploy.tiny_model import build_tiny_model
+    from deploy.runtime.tiny_model import build_tiny_model
 
     started = time.perf_counter()
     print("# Benchmark 6: choose_from_options on the tiny model (HuggingFace backend, CPU)", flush=True)

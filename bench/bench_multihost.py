@@ -1,6 +1,6 @@
 """Benchmark 2: multi-host ``llm-deploy up``, 1 head + N worker hosts (N = 1, 2, 4), over SSH.
 
-Test hosts from ``deploy/testhosts.py``: network namespaces on a private bridge, each with its
+Test hosts from ``devtools/testhosts.py``: network namespaces on a private bridge, each with its
 own address and ``sshd`` (needs root; skipped with the reason otherwise). The controller and API
 server run on ``head``, one ``hf`` replica of the tiny model (CPU) on each of ``w1`` .. ``wN``;
 every host is reached over SSH with host key checking on (the hosts share this machine's files,
@@ -86,7 +86,7 @@ def _up(ws: Workspace, spec: Path, workers: int) -> CliRun:
 
 def main() -> None:
     """Run benchmark 2 (and the SSH part of 3) and print the tables and ratios."""
-    from deploy import testhosts
+    from devtools import testhosts
 
     started = time.perf_counter()
     print("# Benchmark 2: llm-deploy up of 1 head + N worker hosts over SSH (netns test hosts)", flush=True)

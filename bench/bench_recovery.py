@@ -162,7 +162,7 @@ def _fmt(value: float | None) -> str:
 
 def main() -> None:
     """Run benchmark 4 and print its table and ratio."""
-    from deploy.spec import load_cluster_spec
+    from deploy.spec.load import load_cluster_spec
 
     started = time.perf_counter()
     print("# Benchmark 4: kill -9 of a worker: out of the rotation, and serving again", flush=True)

@@ -214,7 +214,7 @@ def clean_env(home: Path) -> dict[str, str]:
 @contextmanager
 def workspace(prefix: str) -> Iterator[Workspace]:
     """A temporary root with the tiny model; brings down its clusters and stops its processes."""
-    from deploy.tiny_model import build_tiny_model
+    from deploy.runtime.tiny_model import build_tiny_model
 
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp, stop_on_sigterm():
         root = Path(tmp)

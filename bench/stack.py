@@ -1,6 +1,6 @@
 """The real FastChat stack for benchmarks, on a freshly built tiny model in a temporary folder.
 
-:func:`fastchat_stack` is :func:`deploy.devstack.fastchat_stack` (controller, model worker and
+:func:`fastchat_stack` is :func:`devtools.devstack.fastchat_stack` (controller, model worker and
 API server started by hand on free loopback ports, stopped by pid however the block ends), plus
 the tiny model's build and SIGTERM handling: a benchmark stopped with SIGTERM unwinds through
 its ``finally`` blocks and stops its stack. Benchmarks of serving use it; benchmarks of
@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from deploy import devstack
-from deploy.devstack import CONV_TEMPLATE, MODEL_NAME, Stack, StackError
+from devtools import devstack
+from devtools.devstack import CONV_TEMPLATE, MODEL_NAME, Stack, StackError
 
 __all__ = ["CONV_TEMPLATE", "MODEL_NAME", "Stack", "StackError", "fastchat_stack", "stop_on_sigterm"]
 
@@ -47,7 +47,7 @@ def fastchat_stack(*, limit_worker_concurrency: int = 5) -> Iterator[Stack]:
     Raises:
         StackError: A process died or did not become ready in time (with its log tail).
     """
-    from deploy.tiny_model import build_tiny_model
+    from deploy.runtime.tiny_model import build_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="bench-stack-") as tmp, stop_on_sigterm():
         root = Path(tmp)

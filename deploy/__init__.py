@@ -1,15 +1,15 @@
 """``llm-deploy``: bring up a FastChat serving cluster on your own hosts and write the client config.
 
 The public names load lazily: this package is imported on every host by ``python -m
-deploy.hostagent`` and ``python -m deploy.runtime.<component>``, which must stay quick and need
+deploy.runtime.hostagent`` and ``python -m deploy.runtime.<component>``, which must stay quick and need
 neither yaml nor rich.
 
 Typical use::
 
-    from deploy import commands, load_cluster_spec
+    from deploy import api, load_cluster_spec
     spec = load_cluster_spec("configs/cluster/local.yaml")
-    result = commands.up(spec, output_dir=Path("."))   # starts, waits until it serves, writes configs
-    commands.down(spec)
+    result = api.up(spec, output_dir=Path("."))   # starts, waits until it serves, writes configs
+    api.down(spec)
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ __all__ = [
 ]
 
 _HOMES = {
-    "ClusterSpec": "deploy.spec",
-    "load_cluster_spec": "deploy.spec",
-    "CommandResult": "deploy.connectors",
-    "Connector": "deploy.connectors",
-    "LocalConnector": "deploy.connectors",
+    "ClusterSpec": "deploy.spec.model",
+    "load_cluster_spec": "deploy.spec.load",
+    "CommandResult": "deploy.hosts.connector",
+    "Connector": "deploy.hosts.connector",
+    "LocalConnector": "deploy.hosts.connector",
     "DeployError": "deploy.errors",
-    "Plan": "deploy.plan",
-    "make_plan": "deploy.plan",
+    "Plan": "deploy.orchestration.plan",
+    "make_plan": "deploy.orchestration.plan",
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``llm-deploy`` command line: a thin layer over :mod:`deploy.commands`.
+"""The ``llm-deploy`` command line: a thin layer over :mod:`deploy.api`.
 
 Exit codes: 0 ok, 1 failed (one line saying why, after any details), 2 usage error (click's own).
 SPEC is a cluster spec file; without it, the embedded default (``configs/cluster/local.yaml``:
@@ -25,10 +25,10 @@ SPEC = click.argument("spec", required=False, type=click.Path(dir_okay=False, pa
 def _user_errors() -> Iterator[None]:
     """Turn a DeployError into its details on stderr and a one-line click error (exit 1).
 
-    Every line is masked with the API keys this process held (:func:`deploy.keys.mask_known`).
+    Every line is masked with the API keys this process held (:func:`deploy.security.keystore.mask_known`).
     """
     from deploy.errors import DeployError
-    from deploy.keys import mask_known
+    from deploy.security.keystore import mask_known
 
     try:
         yield
@@ -47,7 +47,7 @@ def _console() -> Any:
 
 
 def _load(spec: Path | None) -> Any:
-    from deploy.spec import load_cluster_spec
+    from deploy.spec.load import load_cluster_spec
 
     return load_cluster_spec(spec)
 
@@ -63,12 +63,12 @@ def main() -> None:
 @click.option("--offline", is_flag=True, help="Plan as if nothing ran, without reaching the hosts.")
 def plan_command(spec: Path | None, offline: bool) -> None:
     """Print what `up` would do, per host; change nothing."""
-    from deploy import commands
+    from deploy import api
     from deploy.console import render_plan
 
     with _user_errors():
         cluster = _load(spec)
-        render_plan(cluster, commands.plan(cluster, offline=offline), _console())
+        render_plan(cluster, api.plan(cluster, offline=offline), _console())
 
 
 @main.command("up")
@@ -83,7 +83,7 @@ def plan_command(spec: Path | None, offline: bool) -> None:
 @click.option("--no-client-config", is_flag=True, help="Do not write the client config.")
 def up_command(spec: Path | None, output_dir: Path, no_client_config: bool) -> None:
     """Start the cluster, wait until it really serves, write the client config."""
-    from deploy import commands
+    from deploy import api
     from deploy.console import ConsoleReporter
 
     console = _console()
@@ -95,7 +95,7 @@ def up_command(spec: Path | None, output_dir: Path, no_client_config: bool) -> N
             phase.detail = (
                 f"cluster {cluster.name}: {len(cluster.hosts)} host(s), {len(cluster.models)} model(s)"
             )
-        result = commands.up(cluster, output_dir=None if no_client_config else output_dir, reporter=reporter)
+        result = api.up(cluster, output_dir=None if no_client_config else output_dir, reporter=reporter)
     verb = "is up" if result.plan else "was already up (nothing changed)"
     if result.left_out:
         verb = f"is up DEGRADED ({len(result.left_out)} host(s) left out)"
@@ -125,12 +125,12 @@ def doctor_command(spec: Path | None) -> None:
     Per host: SSH, runtime python and packages, model paths, ports, GPUs, disk, clock. Across
     hosts: worker hosts reach the controller, the head reaches every worker. One fix per ✗.
     """
-    from deploy import commands
+    from deploy import api
 
     console = _console()
     with _user_errors():
         cluster = _load(spec)
-        report = commands.doctor(cluster)
+        report = api.doctor(cluster)
     for line in report.lines():
         console.print(line, soft_wrap=True)
     if not report.ok:
@@ -142,12 +142,12 @@ def doctor_command(spec: Path | None) -> None:
 @SPEC
 def down_command(spec: Path | None) -> None:
     """Stop every process of this cluster (only this cluster's); safe to repeat."""
-    from deploy import commands
+    from deploy import api
     from deploy.console import ConsoleReporter
 
     with _user_errors():
         cluster = _load(spec)
-        commands.down(cluster, reporter=ConsoleReporter(_console()))
+        api.down(cluster, reporter=ConsoleReporter(_console()))
 
 
 @main.command("status")
@@ -158,12 +158,12 @@ def status_command(spec: Path | None, as_json: bool) -> None:
 
     Exits 1 when something is unhealthy.
     """
-    from deploy import commands
+    from deploy import api
     from deploy.console import render_status
 
     with _user_errors():
         cluster = _load(spec)
-        result = commands.status(cluster)
+        result = api.status(cluster)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -188,12 +188,12 @@ def watch_command(spec: Path | None, interval: float | None, webhook: str | None
 
     An event is JSON: cluster, component, host, old_state, new_state, reason, time.
     """
-    from deploy import commands
+    from deploy import api
 
     with _user_errors():
         cluster = _load(spec)
         with contextlib.suppress(KeyboardInterrupt):
-            commands.watch(
+            api.watch(
                 cluster,
                 emit=lambda line: click.echo(line),
                 interval=interval,
@@ -211,15 +211,15 @@ def watch_command(spec: Path | None, interval: float | None, webhook: str | None
 @click.option("-f", "--follow", is_flag=True, help="Keep printing what is appended (Ctrl-C stops).")
 def logs_command(component: str, spec: Path | None, lines: int, follow: bool) -> None:
     """Print the log of COMPONENT (controller, api_server, worker-<model>-<i>)."""
-    from deploy import commands
+    from deploy import api
 
     with _user_errors():
         cluster = _load(spec)
         if not follow:
-            click.echo(commands.logs(cluster, component, lines=lines))
+            click.echo(api.logs(cluster, component, lines=lines))
             return
         with contextlib.suppress(KeyboardInterrupt):
-            commands.follow_logs(cluster, component, lambda text: click.echo(text, nl=False), lines=lines)
+            api.follow_logs(cluster, component, lambda text: click.echo(text, nl=False), lines=lines)
 
 
 _OUTPUT_DIR = click.option(
@@ -241,7 +241,7 @@ def _hand_over_key(name: str, key: str | None, key_file: Path | None) -> None:
     if key is None:
         return
     if key_file is not None:
-        from deploy.secretfiles import write_secret_file
+        from deploy.security.secretfiles import write_secret_file
 
         write_secret_file(key_file, f"{key}\n")
         click.echo(f"key {name!r} written to {key_file} (mode 0600)")
@@ -258,11 +258,11 @@ def keys_group() -> None:
 @SPEC
 def keys_list(spec: Path | None) -> None:
     """Print each key's name and digest (never the key)."""
-    from deploy import keyring
+    from deploy.orchestration import keychange
 
     with _user_errors():
         cluster = _load(spec)
-        for name, digest in keyring.list_keys(cluster):
+        for name, digest in keychange.list_keys(cluster):
             click.echo(f"{name}\tsha256:{digest}")
 
 
@@ -272,12 +272,12 @@ def keys_list(spec: Path | None) -> None:
 @_KEY_FILE
 def keys_add(name: str, spec: Path | None, key_file: Path | None) -> None:
     """Add a new random key NAME; restarts only the API server."""
-    from deploy import keyring
     from deploy.console import ConsoleReporter
+    from deploy.orchestration import keychange
 
     with _user_errors():
         cluster = _load(spec)
-        change = keyring.add_key(cluster, name, reporter=ConsoleReporter(_console()))
+        change = keychange.add_key(cluster, name, reporter=ConsoleReporter(_console()))
         _hand_over_key(name, change.key, key_file)
 
 
@@ -286,12 +286,12 @@ def keys_add(name: str, spec: Path | None, key_file: Path | None) -> None:
 @SPEC
 def keys_remove(name: str, spec: Path | None) -> None:
     """Remove the key NAME (not 'default'); restarts only the API server."""
-    from deploy import keyring
     from deploy.console import ConsoleReporter
+    from deploy.orchestration import keychange
 
     with _user_errors():
         cluster = _load(spec)
-        keyring.remove_key(cluster, name, reporter=ConsoleReporter(_console()))
+        keychange.remove_key(cluster, name, reporter=ConsoleReporter(_console()))
         click.echo(f"key {name!r} removed")
 
 
@@ -306,13 +306,13 @@ def rotate_key_command(spec: Path | None, name: str, output_dir: Path, key_file:
     The default key is written to OUTPUT_DIR/.env (mode 0600, replaced atomically) and not
     printed; another key is printed once (or written to --key-file).
     """
-    from deploy import keyring
     from deploy.console import ConsoleReporter
+    from deploy.orchestration import keychange
 
     with _user_errors():
         cluster = _load(spec)
         reporter = ConsoleReporter(_console())
-        change = keyring.rotate_key(cluster, name, output_dir=output_dir, reporter=reporter)
+        change = keychange.rotate_key(cluster, name, output_dir=output_dir, reporter=reporter)
         if name == "default":
             click.echo(f"key 'default' rotated; the API server serves with it; {output_dir / '.env'} updated")
         else:
@@ -329,14 +329,14 @@ def rotate_key_command(spec: Path | None, name: str, output_dir: Path, key_file:
 )
 def inventory_command(spec: Path | None, output: Path | None) -> None:
     """Write the Ansible inventory of the cluster (groups head and workers) for ansible/site.yml."""
-    from deploy.inventory import inventory_for_file
+    from deploy.fleet.inventory import inventory_for_file
 
     with _user_errors():
         text = inventory_for_file(spec)
         if output is None:
             click.echo(text, nl=False)
         else:
-            from deploy.secretfiles import write_secret_file
+            from deploy.security.secretfiles import write_secret_file
 
             write_secret_file(output, text)
             click.echo(f"inventory of {len(_load(spec).hosts)} host(s) written to {output}")
@@ -351,7 +351,7 @@ def tiny_model(path: Path, context_length: int) -> None:
     Keep the folder name neutral (no 'llama', 'qwen', 'mpt'...): FastChat picks its model
     adapter from substrings of the path.
     """
-    from deploy.tiny_model import build_tiny_model
+    from deploy.runtime.tiny_model import build_tiny_model
 
     start = time.monotonic()
     info = build_tiny_model(path, context_length=context_length)

@@ -13,11 +13,10 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from deploy.health import Progress
-from deploy.plan import Plan, RestartComponent, StartComponent
-from deploy.report import Phase, timed
-from deploy.spec import ClusterSpec
-from deploy.status import ClusterStatus, ComponentStatus
+from deploy.health.status import ClusterStatus, ComponentStatus
+from deploy.orchestration.plan import Plan, RestartComponent, StartComponent
+from deploy.report import Phase, Progress, timed
+from deploy.spec.model import ClusterSpec
 
 __all__ = ["ConsoleReporter", "render_plan", "render_status"]
 

@@ -22,16 +22,16 @@ def main() -> int:
     """Run the demo; returns the exit code."""
     from rich.console import Console
 
-    from deploy import commands
+    from deploy import api
     from deploy.console import ConsoleReporter
     from deploy.errors import DeployError
-    from deploy.spec import load_cluster_spec
+    from deploy.spec.load import load_cluster_spec
 
     console = Console(highlight=False)
     console.print(f"[bold]1. llm-deploy up {SPEC}[/bold]")
     try:
         spec = load_cluster_spec(SPEC)
-        result = commands.up(spec, output_dir=Path("."), reporter=ConsoleReporter(console))
+        result = api.up(spec, output_dir=Path("."), reporter=ConsoleReporter(console))
     except DeployError as exc:
         for line in [*str(exc).splitlines()[1:], *exc.details()]:
             console.print(line, markup=False)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from deploy.errors import LockHeld
-from deploy.spec import deploy_home
+from deploy.spec.model import deploy_home
 
 __all__ = ["cluster_lock"]
 

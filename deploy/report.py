@@ -13,9 +13,19 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from deploy.health import Progress
+__all__ = ["Phase", "Progress", "RecordingReporter", "Reporter"]
 
-__all__ = ["Phase", "RecordingReporter", "Reporter"]
+
+@dataclass(frozen=True)
+class Progress:
+    """Where one target stands, for the live display."""
+
+    name: str
+    host: str
+    step: str
+    elapsed: float
+    done: bool
+    detail: str = ""
 
 
 @dataclass

@@ -11,8 +11,8 @@ import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from deploy.connectors import CommandResult, Connector
 from deploy.errors import TransferFailed
+from deploy.hosts.connector import CommandResult, Connector
 
 __all__ = ["Call", "RecordingConnector", "Reply"]
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Record the command-line flags of a vLLM release, for checking the command lines llm-deploy builds.
 
-Two records live in ``deploy/data/`` (read by :mod:`deploy.vllm`):
+Two records live in ``deploy/render/data/`` (read by :mod:`deploy.render.vllm`):
 
 - ``vllm_serve_flags.json``: every flag of ``vllm serve`` for the release the project documents
   (the ``vllm`` worker kind). Written by the ``serve`` mode, which builds vLLM's own parser
@@ -15,9 +15,10 @@ Two records live in ``deploy/data/`` (read by :mod:`deploy.vllm`):
 
 Usage::
 
-    python scripts/refresh-vllm-flags.py serve [--vllm-src DIR] [--out deploy/data/vllm_serve_flags.json]
+    python scripts/refresh-vllm-flags.py serve [--vllm-src DIR] \\
+        [--out deploy/render/data/vllm_serve_flags.json]
     python scripts/refresh-vllm-flags.py engine-static ARG_UTILS_PY --version 0.6.2 \\
-        [--out deploy/data/vllm_engine_flags_0.6.2.json]
+        [--out deploy/render/data/vllm_engine_flags_0.6.2.json]
 """
 
 from __future__ import annotations

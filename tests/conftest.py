@@ -46,7 +46,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     The folder name is neutral on purpose: FastChat picks adapters by path substrings.
     """
-    from deploy.tiny_model import build_tiny_model
+    from deploy.runtime.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "toy-model").path
 

@@ -2,7 +2,7 @@
 
 Skipped without a GPU (tests/conftest.py) and without vLLM in this Python (it is a CUDA-only
 wheel, installed on GPU hosts only). Where both exist, this starts the exact command lines
-``deploy.vllm`` builds for a replica, serves the tiny model (built here with this Python's
+``deploy.render.vllm`` builds for a replica, serves the tiny model (built here with this Python's
 transformers, so vLLM can read it; or the model in ``$LLM_DEPLOY_GPU_MODEL``) and checks chat,
 scoring with logprobs, and the withdrawal when vLLM dies. vLLM's first start compiles kernels:
 the deadlines are long.
@@ -26,7 +26,7 @@ import pytest
 
 from agent_llm.models import FastChatLanguageBackend
 from deploy.polling import DeadlineExceeded, poll_until
-from deploy.vllm import bridge_command, check_vllm_serve_version, internal_port, vllm_serve_command
+from deploy.render.vllm import bridge_command, check_vllm_serve_version, internal_port, vllm_serve_command
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,

@@ -1,9 +1,9 @@
-"""The real FastChat stack on loopback, as fixtures (the code lives in :mod:`deploy.devstack`).
+"""The real FastChat stack on loopback, as fixtures (the code lives in :mod:`devtools.devstack`).
 
 - ``fastchat_stack`` (session): controller, model_worker (the tiny model, ``--conv-template
   qwen-7b-chat``, CPU, seed 42) and api_server with a generated key, on free loopback ports,
   started through ``python -m deploy.runtime.*`` (not through ``llm-deploy``).
-- ``runtime_launcher`` (per test): a :class:`deploy.devstack.RuntimeLauncher` to start more
+- ``runtime_launcher`` (per test): a :class:`devtools.devstack.RuntimeLauncher` to start more
   runtime processes, each stopped by its pid at the end of the test.
 
 Every process runs in its own session with its output in a log file under the test's tmp dir;
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.devstack import RuntimeLauncher, Stack, StackError
-from deploy.devstack import fastchat_stack as start_stack
+from devtools.devstack import RuntimeLauncher, Stack, StackError
+from devtools.devstack import fastchat_stack as start_stack
 
 CONTEXT_LENGTH = 2048  # the tiny model's
 

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 if TYPE_CHECKING:
-    from deploy.devstack import Stack as FastChatStack
+    from devtools.devstack import Stack as FastChatStack
 
 
 @pytest.fixture

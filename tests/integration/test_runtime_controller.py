@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 if TYPE_CHECKING:
-    from deploy.devstack import RuntimeLauncher, RuntimeProcess
-    from deploy.devstack import Stack as FastChatStack
+    from devtools.devstack import RuntimeLauncher, RuntimeProcess
+    from devtools.devstack import Stack as FastChatStack
 
 STATUS = {"model_names": ["fake"], "speed": 1, "queue_length": 0}
 

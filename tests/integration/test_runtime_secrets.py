@@ -9,8 +9,8 @@ import httpx
 import openai
 
 if TYPE_CHECKING:
-    from deploy.devstack import RuntimeLauncher
-    from deploy.devstack import Stack as FastChatStack
+    from devtools.devstack import RuntimeLauncher
+    from devtools.devstack import Stack as FastChatStack
 
 
 def _port(url: str) -> str:

@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 if TYPE_CHECKING:
-    from deploy.devstack import RuntimeLauncher
-    from deploy.devstack import Stack as FastChatStack
+    from devtools.devstack import RuntimeLauncher
+    from devtools.devstack import Stack as FastChatStack
 
 
 def _local_non_loopback_ipv4() -> str | None:

@@ -31,10 +31,10 @@ import openai
 import pytest
 
 from agent_llm.models import FastChatLanguageBackend
-from deploy.devstack import RuntimeLauncher
+from devtools.devstack import RuntimeLauncher
 
 if TYPE_CHECKING:
-    from deploy.devstack import Stack as FastChatStack
+    from devtools.devstack import Stack as FastChatStack
 
 MODEL = "tiny-vllm"
 CONV = "qwen-7b-chat"

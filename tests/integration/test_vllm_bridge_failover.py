@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 if TYPE_CHECKING:
-    from deploy.devstack import RuntimeLauncher, RuntimeProcess
-    from deploy.devstack import Stack as FastChatStack
+    from devtools.devstack import RuntimeLauncher, RuntimeProcess
+    from devtools.devstack import Stack as FastChatStack
 
 MODEL = "tiny-failover"
 

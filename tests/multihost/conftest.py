@@ -1,4 +1,4 @@
-"""Test hosts for the multihost tier: network namespaces with their own sshd (see deploy/testhosts.py).
+"""Test hosts for the multihost tier: network namespaces with their own sshd (see devtools/testhosts.py).
 
 ``test_hosts`` is one head and two workers for the whole session; ``test_hosts_factory`` makes
 more sets (each on its own bridge and subnet) for tests that need their own or break theirs.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.testhosts import Testbed, TestHostsError, down, missing_requirements, up
+from devtools.testhosts import Testbed, TestHostsError, down, missing_requirements, up
 
 TestbedFactory = Callable[..., Testbed]
 

@@ -18,7 +18,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from deploy.cli import main
-from deploy.testhosts import Testbed, netns_pids
+from devtools.testhosts import Testbed, netns_pids
 
 
 def host_processes(testbed: Testbed, host: str) -> list[str]:

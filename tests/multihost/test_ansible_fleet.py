@@ -28,8 +28,8 @@ from click.testing import CliRunner, Result
 from mh_clusters import host_processes
 
 from deploy.cli import main
-from deploy.keys import KeyStore
-from deploy.testhosts import Testbed
+from deploy.security.keystore import KeyStore
+from devtools.testhosts import Testbed
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTS = ("ctl", "gpu1", "gpu2")

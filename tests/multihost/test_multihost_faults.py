@@ -21,7 +21,7 @@ import yaml
 from mh_clusters import SSHCluster, write_ssh_cluster
 
 from deploy.polling import poll_until
-from deploy.testhosts import Testbed
+from devtools.testhosts import Testbed
 
 TestbedFactory = Callable[..., Testbed]
 

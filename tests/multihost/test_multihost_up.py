@@ -19,7 +19,7 @@ import pytest
 import yaml
 from mh_clusters import SSHCluster, write_ssh_cluster
 
-from deploy.testhosts import Testbed
+from devtools.testhosts import Testbed
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +117,8 @@ def test_logs_come_from_the_remote_host(cluster: SSHCluster) -> None:
 
 
 def test_logs_follow_streams_what_a_remote_host_appends(cluster: SSHCluster) -> None:
-    from deploy import commands
-    from deploy.spec import load_cluster_spec
+    from deploy import api
+    from deploy.spec.load import load_cluster_spec
 
     chunks: list[str] = []
     rounds = iter(range(60))  # at most ~30 s at 0.5 s; workers heartbeat every 5 s
@@ -128,7 +128,7 @@ def test_logs_follow_streams_what_a_remote_host_appends(cluster: SSHCluster) -> 
         return "receive_heart_beat" in appended or next(rounds, None) is None
 
     spec = load_cluster_spec(cluster.spec)
-    commands.follow_logs(spec, "controller", chunks.append, lines=1, interval=0.5, stop=stop)
+    api.follow_logs(spec, "controller", chunks.append, lines=1, interval=0.5, stop=stop)
     assert "receive_heart_beat" in "".join(chunks[1:]), chunks
 
 

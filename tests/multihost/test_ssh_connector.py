@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from deploy.errors import CommandTimeout, ConnectionFailed, TransferFailed
+from deploy.hosts.ssh import SSHConnector
 from deploy.polling import poll_until
-from deploy.ssh import SSHConnector
-from deploy.testhosts import Testbed, netns_pids
+from devtools.testhosts import Testbed, netns_pids
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_a_dropped_connection_is_reported_then_reopened(test_hosts: Testbed) -> 
 
 
 def test_from_spec_uses_the_cluster_spec_ssh_settings(test_hosts: Testbed) -> None:
-    from deploy.spec import HostSpec, SSHSpec
+    from deploy.spec.model import HostSpec, SSHSpec
 
     ssh = SSHSpec(
         hostname=test_hosts.hosts["w2"], user="root", key_file=str(test_hosts.key_file), jump="head"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy import testhosts
 from deploy.polling import poll_until
-from deploy.testhosts import Testbed, netns_pids
+from devtools import testhosts
+from devtools.testhosts import Testbed, netns_pids
 
 TestbedFactory = Callable[..., Testbed]
 

@@ -152,7 +152,7 @@ def test_the_phases_of_up_are_read_from_its_output() -> None:
 
 
 def test_a_local_spec_copies_the_default_on_free_ports_with_its_own_state(tmp_path: Path) -> None:
-    from deploy.spec import load_cluster_spec
+    from deploy.spec.load import load_cluster_spec
 
     ws = Workspace(root=tmp_path, model=tmp_path / "toy-model", env={})
     spec = load_cluster_spec(ws.local_spec("bench-x"))

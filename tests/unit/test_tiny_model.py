@@ -1,7 +1,7 @@
 import hashlib
 from pathlib import Path
 
-from deploy.tiny_model import build_tiny_model
+from deploy.runtime.tiny_model import build_tiny_model
 
 
 def _digest(path: Path) -> str:

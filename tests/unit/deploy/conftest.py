@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from deploy_helpers import spec_data
 
-from deploy.spec import ClusterSpec, parse_cluster_spec
+from deploy.spec.load import parse_cluster_spec
+from deploy.spec.model import ClusterSpec
 
 
 @pytest.fixture

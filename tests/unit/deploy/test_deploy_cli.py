@@ -102,6 +102,6 @@ def test_importing_deploy_for_the_host_agent_stays_light() -> None:
     import sys
 
     heavy = ("yaml", "rich", "click", "fabric")
-    code = f"import sys, deploy.hostagent; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    code = f"import sys, deploy.runtime.hostagent; print(','.join(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.clientconfig import (
+from deploy.errors import ClientConfigError
+from deploy.orchestration.clientconfig import (
     ServedModel,
     render_fschat_yaml,
     render_model_yaml,
@@ -16,7 +17,6 @@ from deploy.clientconfig import (
     update_env,
     write_client_config,
 )
-from deploy.errors import ClientConfigError
 
 EXISTING = """\
 # FastChat backend. Comments stay.

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from deploy_helpers import spec_data
 
-from deploy.commandlines import build_components, engine_flags, mask_secrets
 from deploy.errors import SpecError
-from deploy.spec import ClusterSpec, parse_cluster_spec
+from deploy.render.components import build_components, engine_flags, mask_secrets
+from deploy.spec.load import parse_cluster_spec
+from deploy.spec.model import ClusterSpec
 
 
 def test_components_come_in_start_order(spec: ClusterSpec) -> None:

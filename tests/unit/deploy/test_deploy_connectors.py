@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.connectors import CommandResult, LocalConnector
 from deploy.errors import CommandTimeout, TransferFailed
+from deploy.hosts.connector import CommandResult, LocalConnector
 from deploy.testing import RecordingConnector, Reply
 
 

@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 
-from deploy.admission import admit, without_hosts
-from deploy.commandlines import Component, build_components
-from deploy.doctor import DoctorReport, HostProbe
-from deploy.doctor_checks import (
+from deploy.errors import ConnectionFailed, DoctorFailed
+from deploy.health.doctor import DoctorReport, HostProbe
+from deploy.health.doctor_rules import (
     MIN_DISK_FREE,
     Check,
     address_checks,
@@ -25,9 +24,12 @@ from deploy.doctor_checks import (
     gpu_claim_checks,
     judge_host,
 )
-from deploy.errors import ConnectionFailed, DoctorFailed
-from deploy.plan import ObservedState, make_plan
-from deploy.spec import ClusterSpec, parse_cluster_spec
+from deploy.hosts.observed import ObservedState
+from deploy.orchestration.admission import admit, without_hosts
+from deploy.orchestration.plan import make_plan
+from deploy.render.components import Component, build_components
+from deploy.spec.load import parse_cluster_spec
+from deploy.spec.model import ClusterSpec
 
 
 def ssh_host(address: str) -> dict[str, Any]:

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 from deploy_helpers import FakeHost, spec_data
 
-from deploy.commandlines import build_components, host_paths
 from deploy.errors import ComponentFailed, ReadinessError
-from deploy.health import Ladder, Progress, Step
-from deploy.remote import HostAgent
-from deploy.spec import ClusterSpec, TimeoutsSpec, parse_cluster_spec
-from deploy.supervisor import Supervisor
+from deploy.health.ladder import Ladder, Step
+from deploy.hosts.agent import HostAgent
+from deploy.hosts.supervisor import Supervisor
+from deploy.render.components import build_components, host_paths
+from deploy.report import Progress
+from deploy.spec.load import parse_cluster_spec
+from deploy.spec.model import ClusterSpec, TimeoutsSpec
 from deploy.testing import RecordingConnector
 
 CONTROLLER, API, WORKER = "http://127.0.0.1:41001", "http://127.0.0.1:41002", "http://127.0.0.1:41003"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from deploy import hostagent
+from deploy.runtime import hostagent
 
 
 def run(monkeypatch: pytest.MonkeyPatch, *ops: dict[str, Any]) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deploy.errors import ConnectionFailed, PhaseFailed
-from deploy.hosts import on_hosts
+from deploy.hosts.group import on_hosts
 
 
 def test_results_map_each_host() -> None:

@@ -1,7 +1,7 @@
-"""``llm-deploy inventory`` and the host side of the Ansible roles (``deploy.fleet``).
+"""``llm-deploy inventory`` and the host side of the Ansible roles (``deploy.fleet.host``).
 
 The parity test is the contract of the fleet path: for a spec with every worker kind, what the
-roles write on each host (rendered there by ``python -m deploy.fleet render`` from the
+roles write on each host (rendered there by ``python -m deploy.fleet.host render`` from the
 inventory's cluster document) is, byte for byte and mode for mode, what ``llm-deploy up``
 writes there (``Supervisor.write_config`` with the plan's host config), so both paths start the
 same command lines under the same supervision.
@@ -22,14 +22,16 @@ import yaml
 from click.testing import CliRunner
 
 from deploy.cli import main
-from deploy.commandlines import build_components, host_paths
-from deploy.fleet import cluster_from_document, render_host
-from deploy.inventory import build_inventory, inventory_for_file
-from deploy.keys import KeyStore
-from deploy.plan import ObservedState, make_plan
-from deploy.remote import HostAgent
-from deploy.spec import WORKER_KINDS, ClusterSpec, load_cluster_spec
-from deploy.supervisor import Supervisor
+from deploy.fleet.host import cluster_from_document, render_host
+from deploy.fleet.inventory import build_inventory, inventory_for_file
+from deploy.hosts.agent import HostAgent
+from deploy.hosts.observed import ObservedState
+from deploy.hosts.supervisor import Supervisor
+from deploy.orchestration.plan import make_plan
+from deploy.render.components import build_components, host_paths
+from deploy.security.keystore import KeyStore
+from deploy.spec.load import load_cluster_spec
+from deploy.spec.model import WORKER_KINDS, ClusterSpec
 from deploy.testing import RecordingConnector, Reply
 
 
@@ -188,7 +190,7 @@ def test_fleet_api_key_is_created_once_and_never_printed(spec_file: Path) -> Non
 
     def fleet(op: str) -> dict[str, Any]:
         proc = subprocess.run(
-            [sys.executable, "-m", "deploy.fleet", op, "--host", "head"],
+            [sys.executable, "-m", "deploy.fleet.host", op, "--host", "head"],
             input=json.dumps(document),
             capture_output=True,
             text=True,
@@ -217,7 +219,7 @@ def test_fleet_start_refuses_an_unknown_program(spec_file: Path) -> None:
         "vars"
     ]["agent_llm_cluster"]
     proc = subprocess.run(
-        [sys.executable, "-m", "deploy.fleet", "start", "--host", "head", "--program", "nope"],
+        [sys.executable, "-m", "deploy.fleet.host", "start", "--host", "head", "--program", "nope"],
         input=json.dumps(document),
         capture_output=True,
         text=True,
@@ -231,7 +233,7 @@ def test_fleet_start_refuses_an_unknown_program(spec_file: Path) -> None:
 def test_ready_refuses_a_cluster_that_differs_from_its_spec() -> None:
     # Nothing runs for the embedded default spec (its state dir is under this test's tmp home):
     # the playbook's final check must fail naming what `up` would do, and change nothing.
-    from deploy.ready import ClusterDiffers, check_ready
+    from deploy.fleet.ready import ClusterDiffers, check_ready
 
     spec = load_cluster_spec(None)
     with pytest.raises(ClusterDiffers, match=r"differs from its spec .*start supervisord") as info:

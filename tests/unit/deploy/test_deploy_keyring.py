@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from deploy_helpers import FakeHost, spec_data
 
-from deploy import keyring
 from deploy.errors import DeployError
-from deploy.keys import KeyStore
-from deploy.spec import ClusterSpec, parse_cluster_spec
+from deploy.orchestration import keychange
+from deploy.security.keystore import KeyStore
+from deploy.spec.load import parse_cluster_spec
+from deploy.spec.model import ClusterSpec
 from deploy.testing import RecordingConnector
 
 STORE = "/srv/llm/t/api_keys"
@@ -29,14 +30,14 @@ def _connectors(host: FakeHost) -> dict[str, RecordingConnector]:
 def test_list_gives_names_and_digests_never_keys(spec: ClusterSpec) -> None:
     host = FakeHost()
     host.files[STORE] = KeyStore((("default", "secret-one"), ("alice", "secret-two"))).render("t")
-    listed = keyring.list_keys(spec, connectors=_connectors(host))
+    listed = keychange.list_keys(spec, connectors=_connectors(host))
     assert [name for name, _ in listed] == ["default", "alice"]
     assert not any("secret" in digest for _, digest in listed)
 
 
 def test_a_change_before_the_first_up_is_refused(spec: ClusterSpec) -> None:
     with pytest.raises(DeployError, match="has no API key store yet") as info:
-        keyring.add_key(spec, "alice", connectors=_connectors(FakeHost()))
+        keychange.add_key(spec, "alice", connectors=_connectors(FakeHost()))
     assert "llm-deploy up" in "\n".join(info.value.details())
 
 
@@ -45,7 +46,7 @@ def test_a_change_that_would_start_more_than_the_api_server_is_refused(spec: Clu
     host.files[STORE] = KeyStore((("default", "secret-one"),)).render("t")
     host.supervisor_up = False  # nothing runs: applying keys would start the whole cluster
     with pytest.raises(DeployError, match=r"controller, worker-tiny-0 would start") as info:
-        keyring.rotate_key(spec, connectors=_connectors(host))
+        keychange.rotate_key(spec, connectors=_connectors(host))
     assert "secret-one" not in str(info.value)
     assert KeyStore.parse(host.files[STORE]).default == "secret-one"
 
@@ -58,4 +59,4 @@ def test_keys_are_refused_when_the_spec_turns_them_off(
     data["api_server"]["key"] = {"enabled": False}
     spec = parse_cluster_spec(data, base_dir=Path("/"))
     with pytest.raises(DeployError, match="without keys"):
-        keyring.list_keys(spec, connectors=_connectors(FakeHost()))
+        keychange.list_keys(spec, connectors=_connectors(FakeHost()))

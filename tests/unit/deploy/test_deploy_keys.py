@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 from deploy_helpers import spec_data
 
-from deploy.commandlines import build_components
 from deploy.errors import DeployError, SpecError
-from deploy.keys import DEFAULT_KEY_NAME, KeyStore, generate_key, key_digest, mask
+from deploy.render.components import build_components
 from deploy.runtime.api_server import build_parser, tls_options
 from deploy.runtime.errors import ConfigFileError
 from deploy.runtime.security import load_api_keys
-from deploy.secretfiles import write_secret_file
-from deploy.spec import parse_cluster_spec
+from deploy.security.keystore import DEFAULT_KEY_NAME, KeyStore, generate_key, key_digest, mask
+from deploy.security.secretfiles import write_secret_file
+from deploy.spec.load import parse_cluster_spec
 
 PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"

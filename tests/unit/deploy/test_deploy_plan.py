@@ -16,10 +16,12 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy.commandlines import build_components
-from deploy.plan import HostState, ObservedState, ProgramState, host_config, make_plan
-from deploy.spec import ClusterSpec, parse_cluster_spec
-from deploy.supervisor_conf import program_fingerprint
+from deploy.hosts.observed import HostState, ObservedState, ProgramState
+from deploy.orchestration.plan import make_plan
+from deploy.render.components import build_components
+from deploy.render.supervisord import host_config, program_fingerprint
+from deploy.spec.load import parse_cluster_spec
+from deploy.spec.model import ClusterSpec
 
 PLANS = Path(__file__).parent / "plans"
 CASES = sorted(PLANS.glob("*.yaml"))

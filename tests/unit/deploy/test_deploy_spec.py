@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from deploy.errors import SpecError
-from deploy.spec import default_spec_text, load_cluster_spec, parse_cluster_spec
+from deploy.spec.load import default_spec_text, load_cluster_spec, parse_cluster_spec
 
 REPO = Path(__file__).resolve().parents[3]
 

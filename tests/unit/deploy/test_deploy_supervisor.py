@@ -6,9 +6,9 @@ import json
 
 from deploy_helpers import FakeHost
 
-from deploy.commandlines import HostPaths
-from deploy.remote import HostAgent
-from deploy.supervisor import Supervisor
+from deploy.hosts.agent import HostAgent
+from deploy.hosts.supervisor import Supervisor
+from deploy.render.components import HostPaths
 from deploy.testing import RecordingConnector
 
 

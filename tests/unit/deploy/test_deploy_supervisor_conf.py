@@ -9,16 +9,17 @@ import pytest
 from deploy_helpers import spec_data
 from supervisor.datatypes import RestartWhenExitUnexpected
 
-from deploy.commandlines import build_components
 from deploy.errors import SpecError
-from deploy.runtime.restarter import GAVE_UP
-from deploy.spec import ClusterSpec, parse_cluster_spec
-from deploy.supervisor_conf import (
+from deploy.render.components import build_components
+from deploy.render.supervisord import (
     FINGERPRINT_ENV,
     program_fingerprint,
     render_supervisord_conf,
     supervised_argv,
 )
+from deploy.runtime.restarter import GAVE_UP
+from deploy.spec.load import parse_cluster_spec
+from deploy.spec.model import ClusterSpec
 
 
 def load(tmp_path: Path, text: str) -> object:

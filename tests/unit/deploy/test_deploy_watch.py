@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from deploy.health.status import ClusterStatus, ComponentStatus
+from deploy.health.watch import StateChange, Watcher, changes, post_webhook
 from deploy.runtime.activecheck import ActiveCheck
 from deploy.runtime.restarter import RestartRecord, backoff_delay, next_record
-from deploy.status import ClusterStatus, ComponentStatus
-from deploy.watch import StateChange, Watcher, changes, post_webhook
 
 
 def status(**rows: tuple[str, bool]) -> ClusterStatus:

@@ -3,7 +3,7 @@
 The parser is rebuilt without importing vLLM or FastChat's server modules: FastChat 0.2.36's own
 ``add_argument`` calls are read from the installed ``fastchat/serve/vllm_worker.py`` with ``ast``
 and run on a plain ``argparse.ArgumentParser`` (as the worker does); vLLM 0.6.2's engine flags
-come from ``deploy/data/vllm_engine_flags_0.6.2.json`` (recorded from the 0.6.2 wheel's source,
+come from ``deploy/render/data/vllm_engine_flags_0.6.2.json`` (recorded from the 0.6.2 wheel's source,
 since vLLM cannot be installed here). Registering them in the worker's order reproduces its
 hidden defaults: remote code trusted unless ``--trust_remote_code`` is passed.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from deploy.errors import PreflightError, SpecError
-from deploy.vllm import (
+from deploy.render.vllm import (
     FASTCHAT_VLLM_WORKER_FLAGS,
     check_fastchat_vllm_version,
     fastchat_engine_flags,

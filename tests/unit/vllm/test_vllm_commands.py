@@ -1,7 +1,7 @@
 """Command lines of the ``vllm`` kind, checked against the recorded ``vllm serve`` flags.
 
 vLLM cannot be installed here (CUDA-only wheel), so its parser is represented by the flag list
-recorded from vLLM's own parser in ``deploy/data/vllm_serve_flags.json`` (version, date and
+recorded from vLLM's own parser in ``deploy/render/data/vllm_serve_flags.json`` (version, date and
 method inside; refreshed by ``scripts/refresh-vllm-flags.py`` where vLLM is installed).
 """
 
@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from deploy.errors import PreflightError, SpecError
-from deploy.runtime.vllm_bridge.cli import build_parser
-from deploy.vllm import (
+from deploy.render.vllm import (
     VLLM_SERVE_MIN_VERSION,
     bridge_command,
     check_vllm_serve_version,
@@ -25,6 +24,7 @@ from deploy.vllm import (
     version_probe_argv,
     vllm_serve_command,
 )
+from deploy.runtime.vllm_bridge.cli import build_parser
 
 PY = "/opt/venv/bin/python"
 

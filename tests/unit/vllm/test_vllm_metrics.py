@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deploy.vllm.metrics import parse_metrics
+from deploy.render.vllm.metrics import parse_metrics
 
 # Trimmed from a vLLM 0.9 /metrics answer; 0.10+ names the cache metric kv_cache_usage_perc.
 SAMPLE = """\

@@ -1,0 +1,218 @@
+"""The commands of ``llm-deploy`` as library functions: plan, up, down, status, logs.
+
+Each takes a validated :class:`~deploy.spec.model.ClusterSpec` and returns a result; the CLI only
+parses arguments and prints. ``connectors`` (host name -> connector) lets tests and callers
+supply their own ways of reaching hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+
+from deploy.errors import DeployError
+from deploy.health.doctor import DoctorReport, open_connectors, run_doctor
+from deploy.health.status import ClusterStatus, cluster_status
+from deploy.hosts.connector import Connector
+from deploy.hosts.group import UnreachableConnector, connect, on_hosts
+from deploy.hosts.observed import ObservedState
+from deploy.hosts.supervisor import DownResult
+from deploy.lock import cluster_lock
+from deploy.orchestration.admission import admit
+from deploy.orchestration.plan import Plan, make_plan
+from deploy.orchestration.up import UpResult, observe, run_up
+from deploy.render.components import build_components, host_paths
+from deploy.report import RecordingReporter, Reporter
+from deploy.security.hostkeys import read_key_store
+from deploy.spec.model import ClusterSpec
+
+__all__ = ["doctor", "down", "follow_logs", "logs", "plan", "status", "up", "watch"]
+
+Connectors = Mapping[str, Connector] | None
+
+
+def plan(spec: ClusterSpec, *, offline: bool = False, connectors: Connectors = None) -> Plan:
+    """What ``up`` would do now; changes nothing.
+
+    Args:
+        spec: The cluster spec.
+        offline: Plan as if nothing ran, without reaching any host.
+        connectors: Ready connectors by host name.
+    """
+    if offline:
+        return make_plan(spec, ObservedState())
+    with connect(spec, connectors=connectors) as hosts:
+        digest = read_key_store(hosts).digest if hosts.spec.api_server.key_enabled else ""
+        return make_plan(hosts.spec, observe(hosts), api_key_digest=digest)
+
+
+def up(
+    spec: ClusterSpec,
+    *,
+    output_dir: Path | None = None,
+    reporter: Reporter | None = None,
+    connectors: Connectors = None,
+) -> UpResult:
+    """Bring the cluster to the spec, wait until it serves, write the client config.
+
+    Args:
+        spec: The cluster spec.
+        output_dir: Where ``configs/llm/...`` and ``.env`` go (None: write nothing).
+        reporter: Where phases and progress are reported.
+        connectors: Ready connectors by host name.
+
+    Raises:
+        DeployError: with the phase, host and component that failed.
+    """
+    reporter = reporter or RecordingReporter()
+    build_components(spec)  # bad engine arguments are refused before any connection
+    with cluster_lock(spec.name, action="up"), ExitStack() as stack:
+        # One connector per host for the whole command: doctor's connections are reused by up.
+        opened = stack.enter_context(open_connectors(spec, connectors))
+        with reporter.phase("doctor") as phase:
+            report = run_doctor(spec, opened)
+            phase.detail = report.summary()
+            admission = admit(spec, report)
+        for check in report.checks:
+            if check.status != "ok":
+                reporter.note(f"  {check.mark} {check.host} {check.name}: {check.detail}")
+        for line in admission.left_out:
+            reporter.note(f"  degraded: {line}")
+        spec = admission.spec
+        # Hosts left out of a degraded up fail at once with the error doctor saw (no second timeout).
+        reachable = {
+            **opened,
+            **{h: UnreachableConnector(h, report.probes[h].error or DeployError(h)) for h in admission.down},
+        }
+        with reporter.phase("connect") as phase:
+            hosts = stack.enter_context(connect(spec, connectors=reachable, allow_down=admission.degraded))
+            phase.detail = ", ".join(
+                f"{h.name} ({h.connect})" for h in spec.hosts if h.name not in hosts.down
+            )
+        result = run_up(hosts, reporter, output_dir=output_dir)
+        return dataclasses.replace(result, left_out=admission.left_out)
+
+
+def doctor(spec: ClusterSpec, *, connectors: Connectors = None) -> DoctorReport:
+    """Check every host (and the paths between them) against the spec; changes nothing."""
+    with open_connectors(spec, connectors) as opened:
+        return run_doctor(spec, opened)
+
+
+def down(
+    spec: ClusterSpec, *, reporter: Reporter | None = None, connectors: Connectors = None
+) -> dict[str, DownResult]:
+    """Stop every process of this cluster on every host; idempotent."""
+    reporter = reporter or RecordingReporter()
+    # A host that cannot be reached does not stop the others from being stopped; the PhaseFailed
+    # raised at the end carries every host's outcome.
+    with (
+        cluster_lock(spec.name, action="down"),
+        connect(spec, connectors=connectors, allow_down=True) as hosts,
+    ):
+        grace = float(spec.supervision.stop_grace)
+        with reporter.phase("down") as phase:
+            results = on_hosts(
+                "down", [h.name for h in spec.hosts], lambda h: hosts.supervisors[h].down(grace=grace)
+            )
+            stopped = sum(len(r.stopped_pids) for r in results.values())
+            running = [h for h, r in results.items() if r.was_running]
+            phase.detail = (
+                f"stopped {stopped} process(es) and supervisord on {', '.join(running)}"
+                if running
+                else "nothing was running"
+            )
+        return results
+
+
+def status(spec: ClusterSpec, *, connectors: Connectors = None) -> ClusterStatus:
+    """Every component's state, with a reason for anything unhealthy."""
+    with connect(spec, connectors=connectors, allow_down=True) as hosts:
+        return cluster_status(hosts)
+
+
+def watch(
+    spec: ClusterSpec,
+    *,
+    emit: Callable[[str], None],
+    interval: float | None = None,
+    webhook: str | None = None,
+    count: int | None = None,
+    connectors: Connectors = None,
+) -> None:
+    """Observe the cluster every ``interval`` seconds and report state changes (``watch`` in the spec).
+
+    Runs ``count`` rounds, or until interrupted. ``interval`` and ``webhook`` override the spec's.
+    """
+    from deploy.health.watch import Watcher
+
+    with connect(spec, connectors=connectors, allow_down=True) as hosts:
+        watcher = Watcher(
+            lambda: cluster_status(hosts),
+            interval if interval is not None else spec.watch.interval,
+            webhook if webhook is not None else spec.watch.webhook,
+            emit,
+        )
+        for _changes in watcher.rounds(count):
+            pass
+
+
+def _component_host(spec: ClusterSpec, component: str) -> str:
+    names = {c.name: c.host for c in build_components(spec)}
+    if component not in names:
+        raise DeployError(
+            f"no component {component!r} in cluster {spec.name!r} (components: {', '.join(names)})"
+        )
+    return names[component]
+
+
+def _only(spec: ClusterSpec, host: str) -> ClusterSpec:
+    """The spec reduced to one host: reading a log reaches that host only (the others may be down)."""
+    return dataclasses.replace(spec, hosts=(spec.host(host),))
+
+
+def logs(spec: ClusterSpec, component: str, *, lines: int = 50, connectors: Connectors = None) -> str:
+    """The last ``lines`` lines of a component's log."""
+    host = _component_host(spec, component)
+    with connect(_only(spec, host), connectors=connectors) as hosts:
+        text = hosts.agents[host].read(host_paths(hosts.spec.host(host)).log(component), tail_lines=lines)
+    if text is None:
+        raise DeployError(f"{component} on {host} has no log yet (it never started)")
+    return text
+
+
+def follow_logs(
+    spec: ClusterSpec,
+    component: str,
+    write: Callable[[str], None],
+    *,
+    lines: int = 50,
+    interval: float = 0.5,
+    connectors: Connectors = None,
+    stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Print the last lines of a component's log, then what is appended, until ``stop()`` or Ctrl-C.
+
+    A follower, not a readiness wait: it ends when the user stops it, so it paces itself with a
+    fixed interval instead of a deadline.
+    """
+    host = _component_host(spec, component)
+    with connect(_only(spec, host), connectors=connectors) as hosts:
+        agent = hosts.agents[host]
+        path = host_paths(hosts.spec.host(host)).log(component)
+        first = agent.one({"op": "read", "path": path, "tail_lines": lines})
+        write(first.get("text", "") + ("\n" if first.get("text") else ""))
+        offset = int(first.get("size", 0))
+        while not stop():
+            time.sleep(interval)
+            answer = agent.one({"op": "read", "path": path, "offset": offset})
+            size = int(answer.get("size", 0))
+            if size < offset:  # rotated: start again from the top of the new file
+                offset = 0
+                continue
+            if answer.get("text"):
+                write(answer["text"])
+            offset = int(answer.get("end", offset))

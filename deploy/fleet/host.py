@@ -1,0 +1,243 @@
+"""The host side of the Ansible roles: ``python -m deploy.fleet.host OP --host NAME``, run on each host.
+
+The roles never carry a second copy of the command lines. Each host renders its own state files
+with the code ``llm-deploy up`` uses (:func:`deploy.render.components.build_components`,
+:func:`deploy.render.supervisord.host_config` and
+:meth:`deploy.hosts.supervisor.Supervisor.write_config`), and its
+supervisord is driven through :class:`~deploy.hosts.supervisor.Supervisor`, so a host set up by the
+playbook is, file for file, the host ``up`` would have made: ``llm-deploy status`` and ``up``
+find nothing to change.
+
+The cluster document (written by ``llm-deploy inventory`` as ``agent_llm_cluster``) comes as
+JSON on stdin: ``{"spec": <the spec's yaml data>, "base_dir", "source", "local_python",
+"hosts": {name: {"python", "state_dir", "home"}}}``; the host entries are resolved where the
+inventory was written, exactly as ``llm-deploy`` resolves them there.
+
+Operations, each printing one JSON object (``changed`` tells Ansible whether anything changed):
+
+- ``render``: ``{"files": [{"path", "content", "mode"}], "dirs": [...], "programs": [...]}``;
+  reads the API key store (its digest enters the API server's fingerprint), writes nothing.
+- ``api-key``: create the API key store on the API host when missing (0600); the key is never
+  printed.
+- ``supervisord``: start this cluster's supervisord on the host unless it answers.
+- ``reload``: make supervisord re-read its config (changed programs are recreated, stopped).
+- ``start --program NAME ...``: start the programs that are not running, wait until each one's
+  port answers; a program that exits is reported with its log tail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from deploy.errors import ComponentFailed, DeployError
+from deploy.hosts.agent import HostAgent
+from deploy.hosts.connector import CommandResult, Connector, LocalConnector
+from deploy.hosts.observed import RUNNING_STATES
+from deploy.hosts.supervisor import Supervisor
+from deploy.polling import DeadlineExceeded, poll_until
+from deploy.render.components import Component, build_components, host_paths
+from deploy.render.supervisord import host_config
+from deploy.security.keystore import KeyStore
+from deploy.spec.load import parse
+from deploy.spec.model import ClusterSpec
+from deploy.spec.nodes import Node
+
+__all__ = ["cluster_from_document", "main", "render_host"]
+
+FAILED_STATES = ("EXITED", "FATAL", "BACKOFF")
+HINT = "llm-deploy logs COMPONENT SPEC shows its whole log; llm-deploy status SPEC the whole cluster"
+
+
+def cluster_from_document(document: Mapping[str, Any], host: str) -> ClusterSpec:
+    """The spec as ``llm-deploy`` sees it, with ``host``'s home filled in like ``connect`` does."""
+    spec = parse(
+        Node(document["spec"], "", document.get("source")),
+        base_dir=Path(document["base_dir"]),
+        local_python=document["local_python"],
+    )
+    resolved = document.get("hosts", {})
+    hosts = []
+    for h in spec.hosts:
+        given = resolved.get(h.name, {})
+        h = dataclasses.replace(
+            h,
+            python=given.get("python", h.python),
+            state_dir=given.get("state_dir", h.state_dir),
+            home=given.get("home") or h.home,
+        )
+        if h.name == host and not h.home:
+            h = dataclasses.replace(h, home=os.path.expanduser("~"))  # what the host agent's `home` says
+        hosts.append(h)
+    return dataclasses.replace(spec, hosts=tuple(hosts))
+
+
+class _Capture(Connector):
+    """Records what :meth:`Supervisor.write_config` would write, and writes nothing."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.files: dict[str, tuple[str, int]] = {}
+        self.dirs: list[str] = []
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+    ) -> CommandResult:
+        ops = json.loads(stdin or b"{}").get("ops", [])
+        self.dirs += [op["path"] for op in ops if op.get("op") == "mkdir"]
+        return CommandResult(self.host, " ".join(argv), 0, json.dumps([{"ok": True} for _ in ops]), "")
+
+    def put(self, content: bytes, path: str, *, mode: int = 0o600) -> None:
+        self.files[path] = (content.decode(), mode)
+
+    def get(self, path: str) -> bytes:
+        raise FileNotFoundError(path)
+
+
+def _key_store(spec: ClusterSpec) -> KeyStore:
+    path = host_paths(spec.host(spec.api_server.host)).api_keys
+    try:
+        return KeyStore.parse(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return KeyStore.parse(None)
+
+
+def _components(spec: ClusterSpec, host: str) -> list[Component]:
+    api = spec.api_server
+    digest = _key_store(spec).digest if api.key_enabled and api.host == host else ""
+    return build_components(spec, api_key_digest=digest)
+
+
+def render_host(spec: ClusterSpec, host: str) -> dict[str, Any]:
+    """The files ``up`` writes to ``host``'s state directory, rendered by ``up``'s own code."""
+    config = host_config(spec, host, _components(spec, host))
+    capture = _Capture(host)
+    supervisor = Supervisor(HostAgent(capture, sys.executable), host_paths(spec.host(host)))
+    supervisor.write_config(spec, config)
+    return {
+        "changed": False,
+        "dirs": capture.dirs,
+        "files": [{"path": p, "content": c, "mode": f"{m:04o}"} for p, (c, m) in capture.files.items()],
+        "programs": [c.name for c in config.components],
+    }
+
+
+def _supervisor(spec: ClusterSpec, host: str) -> Supervisor:
+    return Supervisor(HostAgent(LocalConnector(host), sys.executable), host_paths(spec.host(host)))
+
+
+def ensure_api_key(spec: ClusterSpec, host: str) -> dict[str, Any]:
+    """Create the key store (a new ``default`` key, as ``up`` does) when the API host has none."""
+    if host != spec.api_server.host or not spec.api_server.key_enabled or _key_store(spec):
+        return {"changed": False}
+    path = Path(host_paths(spec.host(host)).api_keys)
+    LocalConnector(host).put(KeyStore.generate().render(spec.name).encode(), str(path), mode=0o600)
+    return {"changed": True}
+
+
+def ensure_supervisord(spec: ClusterSpec, host: str) -> dict[str, Any]:
+    """Start the host's supervisord for this cluster unless it already answers."""
+    supervisor = _supervisor(spec, host)
+    if supervisor.observe().supervisor_running:
+        return {"changed": False}
+    supervisor.start()
+    return {"changed": True}
+
+
+def reload_supervisord(spec: ClusterSpec, host: str) -> dict[str, Any]:
+    """Make the running supervisord apply its rewritten config."""
+    _supervisor(spec, host).reload(grace=float(spec.supervision.stop_grace))
+    return {"changed": True}
+
+
+def _port_answers(c: Component) -> bool:
+    address = c.address if c.bind in ("0.0.0.0", "::", "") else c.bind
+    try:
+        with socket.create_connection((address, c.port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def start_programs(spec: ClusterSpec, host: str, names: Sequence[str]) -> dict[str, Any]:
+    """Start the named programs that are not running; wait until each one's port answers."""
+    supervisor = _supervisor(spec, host)
+    by_name = {c.name: c for c in _components(spec, host) if c.host == host}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise DeployError(f"{host}: no program {', '.join(unknown)} on this host in cluster {spec.name!r}")
+    state = supervisor.observe()
+    if not state.supervisor_running:
+        raise DeployError(f"{host}: supervisord of cluster {spec.name!r} is not running")
+    started = []
+    for name in names:
+        program = state.program(name)
+        if program is None or program.state not in RUNNING_STATES:
+            supervisor.start_program(name)
+            started.append(name)
+    t = spec.timeouts
+    for name in started:
+        component = by_name[name]
+        seconds = t.start if component.role in ("controller", "api_server") else t.load + t.register
+
+        def ready(component: Component = component) -> bool | None:
+            program = supervisor.observe().program(component.name)
+            if program is not None and program.state in FAILED_STATES:
+                raise ComponentFailed(
+                    host,
+                    component.name,
+                    f"exited while starting (supervisord state {program.state})",
+                    log_tail=supervisor.log_tail(component.name),
+                    hint=HINT,
+                )
+            return True if _port_answers(component) else None
+
+        try:
+            poll_until(ready, seconds=seconds, what=f"port {component.port} to answer")
+        except DeadlineExceeded as exc:
+            raise ComponentFailed(
+                host, name, str(exc), log_tail=supervisor.log_tail(name), hint=HINT
+            ) from exc
+    return {"changed": bool(started), "started": started}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one operation; errors print one JSON object with ``failed`` and exit 1."""
+    parser = argparse.ArgumentParser(prog="python -m deploy.fleet.host", description=__doc__.split("\n")[0])
+    parser.add_argument("op", choices=("render", "api-key", "supervisord", "reload", "start"))
+    parser.add_argument("--host", required=True, help="this host's name in the cluster spec")
+    parser.add_argument("--program", action="append", default=[], help="a program to start (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        spec = cluster_from_document(json.load(sys.stdin), args.host)
+        if args.op == "render":
+            answer = render_host(spec, args.host)
+        elif args.op == "api-key":
+            answer = ensure_api_key(spec, args.host)
+        elif args.op == "supervisord":
+            answer = ensure_supervisord(spec, args.host)
+        elif args.op == "reload":
+            answer = reload_supervisord(spec, args.host)
+        else:
+            answer = start_programs(spec, args.host, args.program)
+    except DeployError as exc:
+        print(json.dumps({"failed": True, "msg": "\n".join([str(exc), *exc.details()])}))
+        return 1
+    print(json.dumps(answer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

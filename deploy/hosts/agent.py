@@ -1,0 +1,141 @@
+"""Calling :mod:`deploy.runtime.hostagent` on a host through its connector.
+
+One :meth:`HostAgent.call` is one command on the host, however many operations it carries; the
+probes of one poll round share it. Requests go on stdin (they may carry the API key).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from deploy.errors import ConnectorError
+from deploy.hosts.connector import Connector
+
+__all__ = ["HostAgent", "HttpAnswer", "http_op"]
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    """The answer of an ``http`` operation: a status and body, or the reason there was none."""
+
+    status: int = 0
+    body: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """A 2xx answer."""
+        return 200 <= self.status < 300
+
+    def json(self) -> Any:
+        """The body parsed as JSON (None when it is not JSON)."""
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+    def describe(self) -> str:
+        """One line: ``HTTP 500: Internal Server Error`` or ``connection refused``."""
+        if self.error:
+            return self.error
+        return f"HTTP {self.status}: {' '.join(self.body.split())[:160]}"
+
+    @classmethod
+    def parse(cls, result: Mapping[str, Any]) -> HttpAnswer:
+        """From the host agent's result dict."""
+        return cls(int(result.get("status", 0)), str(result.get("body", "")), str(result.get("error", "")))
+
+
+def http_op(
+    method: str,
+    url: str,
+    *,
+    json_body: Any = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 5.0,
+    cafile: str | None = None,
+) -> dict[str, Any]:
+    """An ``http`` operation for :meth:`HostAgent.call` (``cafile``: the certificate to trust for https)."""
+    op = {
+        "op": "http",
+        "method": method,
+        "url": url,
+        "json": json_body,
+        "headers": dict(headers or {}),
+        "timeout": timeout,
+    }
+    if cafile:
+        op["cafile"] = cafile
+    return op
+
+
+class HostAgent:
+    """Runs host-agent operations on one host.
+
+    Args:
+        connector: How to reach the host.
+        python: The host's runtime interpreter (it has ``deploy`` and ``supervisor``).
+    """
+
+    def __init__(self, connector: Connector, python: str) -> None:
+        self.connector = connector
+        self.python = python
+
+    @property
+    def host(self) -> str:
+        """The spec name of the host."""
+        return self.connector.host
+
+    def call(self, ops: Sequence[Mapping[str, Any]], *, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """Run ``ops`` in one command and return one result per operation.
+
+        Raises:
+            ConnectorError: the agent could not run (no such python, no ``deploy`` package...).
+        """
+        if not ops:
+            return []
+        result = self.connector.run(
+            [self.python, "-m", "deploy.runtime.hostagent"],
+            stdin=json.dumps({"ops": list(ops)}).encode(),
+            timeout=timeout,
+        )
+        if not result.ok:
+            raise ConnectorError(
+                self.host,
+                f"{self.python} -m deploy.runtime.hostagent failed (exit {result.exit_code}): "
+                f"{result.tail(1)}",
+                hint=f"check hosts.{self.host}.python: it must be the host's runtime python, with "
+                "agent-llm[serve] and supervisor installed",
+            )
+        try:
+            answers = json.loads(result.stdout)
+        except ValueError as exc:
+            raise ConnectorError(self.host, f"unreadable host agent answer: {result.stdout[:200]!r}") from exc
+        if not isinstance(answers, list) or len(answers) != len(ops):
+            raise ConnectorError(self.host, "host agent answered the wrong number of results")
+        return answers
+
+    def one(self, op: Mapping[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
+        """Run a single operation."""
+        return self.call([op], timeout=timeout)[0]
+
+    def http(self, method: str, url: str, **kwargs: Any) -> HttpAnswer:
+        """One HTTP request made from the host."""
+        return HttpAnswer.parse(self.one(http_op(method, url, **kwargs)))
+
+    def read(self, path: str, *, tail_lines: int | None = None) -> str | None:
+        """The text of ``path`` (its last ``tail_lines`` lines), or None when it does not exist."""
+        op: dict[str, Any] = {"op": "read", "path": path}
+        if tail_lines:
+            op["tail_lines"] = tail_lines
+        answer = self.one(op)
+        return answer["text"] if answer.get("exists") else None
+
+    def mkdir(self, path: str, mode: int = 0o700) -> None:
+        """Create ``path`` (and parents) with ``mode``."""
+        answer = self.one({"op": "mkdir", "path": path, "mode": mode})
+        if not answer.get("ok"):
+            raise ConnectorError(self.host, answer.get("error", f"cannot create {path}"))

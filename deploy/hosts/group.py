@@ -1,0 +1,161 @@
+"""Reaching the cluster's hosts, and running one phase on all of them.
+
+:func:`connect` opens one connector per host (local subprocesses or SSH). :func:`on_hosts` runs
+a function for every host, in parallel, and returns host -> result; if any host failed it raises
+one :class:`~deploy.errors.PhaseFailed` carrying every host's outcome (Fabric's GroupResult), so
+a failure on one host never hides what happened on the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
+
+from deploy.errors import DeployError, PhaseFailed
+from deploy.hosts.agent import HostAgent
+from deploy.hosts.connector import CommandResult, Connector, LocalConnector
+from deploy.hosts.supervisor import Supervisor
+from deploy.render.components import host_paths
+from deploy.spec.model import ClusterSpec, HostSpec
+
+__all__ = ["Hosts", "UnreachableConnector", "connect", "on_hosts"]
+
+T = TypeVar("T")
+
+
+def connector_for(host: HostSpec) -> Connector:
+    """A connector for ``host``: local subprocesses, or SSH (``deploy.hosts.ssh``, imported lazily)."""
+    if host.is_local:
+        return LocalConnector(host.name)
+    from deploy.hosts.ssh import SSHConnector  # Fabric/paramiko load only when a host needs them.
+
+    return SSHConnector.from_spec(host)
+
+
+def on_hosts(phase: str, hosts: Iterable[str], fn: Callable[[str], T]) -> dict[str, T]:
+    """Run ``fn(host)`` for every host in parallel; host -> result, or one PhaseFailed with all outcomes."""
+    names = list(dict.fromkeys(hosts))
+    if not names:
+        return {}
+    outcomes: dict[str, T | DeployError] = {}
+    with ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+        futures = {name: pool.submit(fn, name) for name in names}
+        for name, future in futures.items():
+            try:
+                outcomes[name] = future.result()
+            except DeployError as exc:
+                outcomes[name] = exc
+    if any(isinstance(o, DeployError) for o in outcomes.values()):
+        raise PhaseFailed(phase, outcomes)
+    return outcomes  # type: ignore[return-value]
+
+
+class UnreachableConnector(Connector):
+    """Stands in for a host that could not be reached: every use raises the error seen at connect.
+
+    So commands that tolerate a down host (``status``, ``down``) report it in their per-host
+    outcomes at once, instead of waiting out another connect timeout.
+    """
+
+    def __init__(self, host: str, error: DeployError) -> None:
+        self.host = host
+        self.error = error
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+    ) -> CommandResult:
+        raise self.error
+
+    def put(self, content: bytes, path: str, *, mode: int = 0o600) -> None:
+        raise self.error
+
+    def get(self, path: str) -> bytes:
+        raise self.error
+
+
+@dataclasses.dataclass
+class Hosts:
+    """The connected hosts of one cluster: connectors, host agents, supervisors.
+
+    ``spec`` is the cluster spec with every host's home directory filled in, so ``~/`` paths
+    resolve per host.
+    """
+
+    spec: ClusterSpec
+    connectors: dict[str, Connector]
+    agents: dict[str, HostAgent]
+    supervisors: dict[str, Supervisor]
+    down: dict[str, DeployError] = dataclasses.field(default_factory=dict)  # host -> why unreachable
+
+    @property
+    def head(self) -> HostAgent:
+        """The host agent of the head host (the controller's)."""
+        return self.agents[self.spec.controller.host]
+
+    def close(self) -> None:
+        """Close every connector."""
+        for connector in self.connectors.values():
+            connector.close()
+
+
+@contextmanager
+def connect(
+    spec: ClusterSpec, *, connectors: Mapping[str, Connector] | None = None, allow_down: bool = False
+) -> Iterator[Hosts]:
+    """Connect to every host (in parallel) and learn their home directories.
+
+    Args:
+        spec: The cluster spec.
+        connectors: Ready connectors by host name (tests); the others are opened here.
+        allow_down: Keep going when some hosts cannot be reached: they get an
+            :class:`UnreachableConnector` and are listed in :attr:`Hosts.down`.
+
+    Raises:
+        PhaseFailed: (without ``allow_down``) some host could not be reached; every host's outcome.
+    """
+    given = dict(connectors or {})
+    opened: dict[str, Connector] = {}
+
+    def open_one(name: str) -> str:
+        host = spec.host(name)
+        connector = given.get(name) or connector_for(host)
+        opened[name] = connector
+        if host.home:
+            return host.home
+        home: str = HostAgent(connector, host.python).one({"op": "home"})["home"]
+        return home
+
+    down: dict[str, DeployError] = {}
+    try:
+        try:
+            homes = on_hosts("connect", [h.name for h in spec.hosts], open_one)
+        except PhaseFailed as exc:
+            if not allow_down:
+                raise
+            homes = {h: str(r) for h, r in exc.succeeded.items()}
+            down = exc.failed
+            for name, error in down.items():
+                failed = opened.pop(name, None)
+                if failed is not None and name not in given:
+                    failed.close()
+                opened[name] = UnreachableConnector(name, error)
+                homes[name] = spec.host(name).home or ""
+        spec = dataclasses.replace(
+            spec, hosts=tuple(dataclasses.replace(h, home=homes[h.name] or None) for h in spec.hosts)
+        )
+        agents = {h.name: HostAgent(opened[h.name], h.python) for h in spec.hosts}
+        supervisors = {h.name: Supervisor(agents[h.name], host_paths(h)) for h in spec.hosts}
+        hosts = Hosts(spec, dict(opened), agents, supervisors, down)
+        yield hosts
+    finally:
+        for name, connector in opened.items():
+            if name not in given:
+                connector.close()

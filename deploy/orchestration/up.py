@@ -1,0 +1,330 @@
+"""``up``: validate -> connect -> models -> plan -> preflight -> start -> ready -> client config.
+
+Every phase is announced through the reporter with ✓/✗ and its time. Nothing starts before
+preflight passed (ports, supported kinds, socket paths); the controller starts first and must
+be ready before the API server and workers start (a worker started without a controller loads
+its model, then exits); the client config is written last, only once a request through it
+worked.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy.errors import ComponentFailed, PreflightError
+from deploy.health.ladder import Ladder
+from deploy.hosts.agent import http_op
+from deploy.hosts.group import Hosts, on_hosts
+from deploy.hosts.observed import ObservedState
+from deploy.orchestration.admission import without_hosts
+from deploy.orchestration.clientconfig import ClientConfig, ServedModel, write_client_config
+from deploy.orchestration.plan import (
+    Plan,
+    RestartComponent,
+    StartComponent,
+    StartSupervisor,
+    StopComponent,
+    UpdateSupervisor,
+    make_plan,
+)
+from deploy.render.components import Component, host_paths
+from deploy.report import Reporter
+from deploy.security.hostkeys import read_key_store
+from deploy.security.keystore import KeyStore
+from deploy.security.tls import ssl_context, trusting
+from deploy.spec.model import ClusterSpec
+
+__all__ = ["UpResult", "observe", "run_up"]
+
+# Longest unix socket path the kernel takes (sun_path is 108 bytes with the final NUL).
+MAX_SOCKET_PATH = 107
+TINY_BUILD = (
+    "import sys\nfrom deploy.runtime.tiny_model import build_tiny_model\nbuild_tiny_model(sys.argv[1])"
+)
+
+
+@dataclass(frozen=True)
+class UpResult:
+    """What ``up`` did."""
+
+    plan: Plan
+    server_ip: str
+    client_config: ClientConfig | None
+    models: tuple[ServedModel, ...]
+    left_out: tuple[str, ...] = ()  # hosts left out of a degraded start (require_all_replicas: false)
+
+
+def observe(hosts: Hosts) -> ObservedState:
+    """Every host's state, observed in parallel."""
+    names = [h.name for h in hosts.spec.hosts if h.name not in hosts.down]  # down: a degraded up
+    states = on_hosts("observe", names, lambda h: hosts.supervisors[h].observe())
+    return ObservedState(tuple(states.values()))
+
+
+def port_paths(spec: ClusterSpec) -> dict[str, str]:
+    """Component name -> yaml path of its port, for messages."""
+    paths = {"controller": "controller.port", "api_server": "api_server.port"}
+    for i, m in enumerate(spec.models):
+        for j in range(len(m.replicas)):
+            paths[f"worker-{m.name}-{j}"] = f"models[{i}].replicas[{j}].port"
+    return paths
+
+
+def ensure_models(hosts: Hosts, reporter: Reporter) -> None:
+    """Build the tiny test model where a model says ``source: tiny`` and it is missing."""
+    spec = hosts.spec
+    wanted = {
+        (r.host, spec.host(r.host).path(m.path))
+        for m in spec.models
+        if m.source == "tiny"
+        for r in m.replicas
+        if r.host not in hosts.down
+    }
+    if not wanted:
+        return
+    with reporter.phase("tiny model") as phase:
+        built = []
+        for host, path in sorted(wanted):
+            agent = hosts.agents[host]
+            if agent.one({"op": "stat", "path": f"{path}/config.json"})["exists"]:
+                continue
+            result = agent.connector.run([agent.python, "-c", TINY_BUILD, path], timeout=600)
+            if not result.ok:
+                raise PreflightError(
+                    f"{host}: building the tiny model at {path} failed (exit {result.exit_code})",
+                    hint=result.tail(5),
+                )
+            built.append(f"{host}:{path}")
+        phase.detail = f"built {', '.join(built)}" if built else "present"
+
+
+def preflight(hosts: Hosts, plan: Plan) -> int:
+    """Refuse before anything starts: taken ports, socket paths too long. Returns the ports checked."""
+    spec = hosts.spec
+    yaml_paths = port_paths(spec)
+    to_check: dict[str, list[Component]] = {}
+    for action in plan.actions:
+        # A restarted component holds its own port; only new ones need a free port.
+        if isinstance(action, StartComponent) and not action.reason.startswith("was BACKOFF"):
+            to_check.setdefault(action.host, []).append(action.component)
+
+    def check(host: str) -> int:
+        socket = host_paths(spec.host(host)).socket
+        if len(socket.encode()) > MAX_SOCKET_PATH:
+            raise PreflightError(
+                f"{host}: the supervisord socket path {socket} is {len(socket)} bytes, over the "
+                f"{MAX_SOCKET_PATH} a unix socket allows",
+                hint=f"use a shorter hosts.{host}.state_dir",
+            )
+        components = to_check.get(host, [])
+        answers = hosts.agents[host].call(
+            [{"op": "bindable", "address": c.bind, "port": c.port} for c in components]
+        )
+        for c, answer in zip(components, answers, strict=True):
+            if not answer["free"]:
+                raise PreflightError(
+                    f"port {c.port} on {host} ({c.bind}) is taken by a process that is not part of cluster "
+                    f"{spec.name!r} ({answer['error']}); {c.name} needs it",
+                    hint=f"free the port, or choose another at {yaml_paths.get(c.name, c.name)} in the spec",
+                )
+        return len(components)
+
+    names = [h.name for h in spec.hosts if h.name not in hosts.down]
+    return sum(on_hosts("preflight", names, check).values())
+
+
+def apply_host_actions(hosts: Hosts, plan: Plan, keys: KeyStore) -> None:
+    """Write state files (the key store on the API host, 0600) and start or reload supervisord."""
+    spec = hosts.spec
+    api_host = spec.api_server.host
+
+    def apply(host: str) -> None:
+        sup = hosts.supervisors[host]
+        grace = float(spec.supervision.stop_grace)
+        for action in plan.for_host(host):
+            if isinstance(action, StopComponent):
+                sup.stop_program(action.name, grace=grace)
+        for action in plan.for_host(host):
+            if isinstance(action, StartSupervisor | UpdateSupervisor):
+                sup.write_config(spec, plan.configs[host])
+                if host == api_host and keys and spec.api_server.key_enabled:
+                    store = keys.render(spec.name).encode()
+                    hosts.connectors[host].put(store, sup.paths.api_keys, mode=0o600)
+                if isinstance(action, StartSupervisor):
+                    sup.start()
+                else:
+                    sup.reload(grace=grace)
+
+    hosts_with_actions = [
+        h.name
+        for h in spec.hosts
+        if any(
+            isinstance(a, StartSupervisor | UpdateSupervisor | StopComponent) for a in plan.for_host(h.name)
+        )
+    ]
+    on_hosts("start supervisors", hosts_with_actions, apply)
+
+
+def start_components(hosts: Hosts, plan: Plan, names: set[str]) -> list[Component]:
+    """Start (or restart) the planned components among ``names``; returns them."""
+    grace = float(hosts.spec.supervision.stop_grace)
+    actions = [
+        a
+        for a in plan.actions
+        if isinstance(a, StartComponent | RestartComponent) and a.component.name in names
+    ]
+
+    def start_on(host: str) -> None:
+        # In plan order on one host; every host at once, so workers on different hosts start together.
+        for action in actions:
+            if action.host == host:
+                sup = hosts.supervisors[host]
+                if isinstance(action, RestartComponent):
+                    sup.stop_program(action.component.name, grace=grace)
+                sup.start_program(action.component.name)
+
+    on_hosts("start", [a.host for a in actions], start_on)
+    return [a.component for a in actions]
+
+
+def served_models(hosts: Hosts, components: list[Component]) -> tuple[ServedModel, ...]:
+    """Each model's context length, read from its first live worker (``/model_details``)."""
+    spec = hosts.spec
+    firsts = {m.name: next(c for c in components if c.model == m.name) for m in spec.models}
+    answers = hosts.head.call(
+        [http_op("POST", f"{c.url}/model_details", json_body={}) for c in firsts.values()]
+    )
+    models = []
+    for model, worker, data in zip(spec.models, firsts.values(), answers, strict=True):
+        try:
+            context_length = int(json.loads(data.get("body", ""))["context_length"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ComponentFailed(
+                worker.host, worker.name, f"/model_details gave no context_length: {data}"
+            ) from exc
+        models.append(ServedModel(model.name, context_length, model.conv_template))
+    return tuple(models)
+
+
+def check_api_from_here(base_url: str, cert_pem: str | None = None) -> None:
+    """The API server's port must answer from where ``up`` runs too (agents will call it from here).
+
+    With TLS, ``cert_pem`` (the server's own certificate) is what the request trusts.
+    """
+    url = base_url.removesuffix("/v1") + "/health"
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if cert_pem:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl_context(cert_pem)))
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(url, timeout=10) as resp:
+            if resp.status == 200:
+                return
+            problem = f"HTTP {resp.status}"
+    except OSError as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise PreflightError(
+        f"the API server answers on its host but not from here ({url}: {problem})",
+        hint="check api_server.bind / api_server.address and firewalls between here and the API host",
+    )
+
+
+def api_certificate(hosts: Hosts) -> str | None:
+    """The API server's TLS certificate (PEM) read from its host, or None without TLS."""
+    api = hosts.spec.api_server
+    if not api.tls_cert:
+        return None
+    path = hosts.spec.host(api.host).path(api.tls_cert)
+    pem = hosts.agents[api.host].read(path)
+    if not pem:
+        raise PreflightError(
+            f"{api.host}: cannot read the API server's certificate {path}",
+            hint="check api_server.tls.cert in the spec",
+        )
+    return pem
+
+
+def run_up(
+    hosts: Hosts, reporter: Reporter, *, output_dir: Path | None, keys: KeyStore | None = None
+) -> UpResult:
+    """Bring the cluster to the spec, prove it serves, write the client config.
+
+    Args:
+        hosts: The connected hosts.
+        reporter: Where phases are reported.
+        output_dir: Where the client config goes (None: nowhere).
+        keys: The key store to apply (``rotate-key``, ``keys add``); by default the one on the
+            API host, or a new ``default`` key when there is none.
+    """
+    spec = hosts.spec
+    ensure_models(hosts, reporter)
+    with reporter.phase("plan") as phase:
+        if keys is None:
+            keys = read_key_store(hosts)
+        if spec.api_server.key_enabled and not keys:
+            keys = KeyStore.generate()  # written with the API host's state files
+        keys = keys if spec.api_server.key_enabled else KeyStore()
+        key = keys.default
+        plan = make_plan(spec, observe(hosts), api_key_digest=keys.digest)
+        plan = without_hosts(plan, set(hosts.down))  # a degraded up leaves them alone
+        phase.detail = f"{len(plan.actions)} action(s)" if plan else "nothing to change"
+    if not plan:
+        reporter.note(f"  all {len(plan.components)} components already running with this spec")
+    else:
+        for action in plan.actions:
+            reporter.note(f"  {action.host}: {action.describe()}")
+        with reporter.phase("preflight") as phase:
+            phase.detail = f"{preflight(hosts, plan)} port(s) free"
+        host_actions = [
+            a for a in plan.actions if isinstance(a, StartSupervisor | UpdateSupervisor | StopComponent)
+        ]
+        if host_actions:
+            with reporter.phase("start supervisors") as phase:
+                apply_host_actions(hosts, plan, keys)
+                phase.detail = ", ".join(dict.fromkeys(a.host for a in host_actions))
+    ladder = Ladder(
+        spec, hosts.supervisors, hosts.head, plan.components, api_key=key, on_progress=reporter.progress
+    )
+    controller = [c for c in plan.components if c.role == "controller"]
+    others = [c for c in plan.components if c.role != "controller"]
+    planned = {a.component.name for a in plan.actions if isinstance(a, StartComponent | RestartComponent)}
+    if "controller" in planned:
+        with reporter.phase("start controller") as phase:
+            start_components(hosts, plan, {"controller"})
+            ladder.wait_components(controller)
+            phase.detail = controller[0].url
+    if planned - {"controller"}:
+        with reporter.phase("start API server and workers") as phase:
+            started = start_components(hosts, plan, {c.name for c in others})
+            ladder.wait_components(others)
+            phase.detail = f"{', '.join(c.name for c in started)} started, {len(others)} ready"
+    with reporter.phase("health") as phase:
+        ladder.wait_components(plan.components)
+        ladder.wait_models([m.name for m in spec.models])
+        cert_pem = api_certificate(hosts)
+        check_api_from_here(spec.api_server.base_url, cert_pem)
+        phase.detail = f"{len(spec.models)} model(s) answer through {spec.api_server.base_url}"
+    models = served_models(hosts, list(plan.components))
+    client = None
+    if output_dir is not None:
+        with reporter.phase("client config") as phase, trusting(cert_pem):
+            client = write_client_config(
+                output_dir,
+                cluster=spec.name,
+                server_ip=spec.api_server.base_url,
+                models=models,
+                api_key=key,
+                env_var=spec.api_server.key_env_var if key else None,
+            )
+            phase.detail = f"{len(client.changed)} file(s) written" if client.changed else "up to date"
+    return UpResult(plan, spec.api_server.base_url, client, models)
+
+
+def describe_command(c: Component) -> str:
+    """The command line of a component with its environment, for ``plan`` output."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in c.env if k != "PYTHONUNBUFFERED")
+    return f"{env} {c.command_line}".strip()

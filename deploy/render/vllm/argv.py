@@ -1,0 +1,217 @@
+"""Command lines of the vLLM worker kinds for one replica (pure).
+
+- ``vllm``: :func:`vllm_serve_command` (stock ``vllm serve`` on a loopback port) plus
+  :func:`bridge_command` (our FastChat worker on the replica's port, in front of it);
+- ``fastchat-vllm``: :func:`fastchat_vllm_command` (stock ``fastchat.serve.vllm_worker``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from deploy.errors import SpecError
+from deploy.render.vllm.flags import EngineArgs, engine_flags, fastchat_engine_flags, pairs, serve_flags
+from deploy.spec.model import EngineValue
+
+__all__ = [
+    "FASTCHAT_VLLM_WORKER_FLAGS",
+    "INTERNAL_PORT_OFFSET",
+    "ProcessCommand",
+    "bridge_command",
+    "fastchat_vllm_command",
+    "internal_port",
+    "vllm_serve_command",
+]
+
+INTERNAL_PORT_OFFSET = 1000
+# The flags fastchat/serve/vllm_worker.py 0.2.36 defines itself (tests/unit/vllm reads them with ast).
+FASTCHAT_VLLM_WORKER_FLAGS = frozenset(
+    {
+        "--host",
+        "--port",
+        "--worker-address",
+        "--controller-address",
+        "--model-path",
+        "--model-names",
+        "--limit-worker-concurrency",
+        "--no-register",
+        "--num-gpus",
+        "--conv-template",
+        "--trust_remote_code",
+        "--gpu_memory_utilization",
+    }
+)
+_SET_BY_US = "set by llm-deploy from the spec"
+_SERVE_RESERVED = {
+    "model": f"{_SET_BY_US} (models[].path)",
+    "model_tag": f"{_SET_BY_US} (models[].path)",
+    "host": f"{_SET_BY_US}: vLLM listens on loopback only",
+    "port": f"{_SET_BY_US}: the internal port",
+    "served_model_name": f"{_SET_BY_US} (models[].name)",
+    "api_key": "a secret must not be in argv: put VLLM_API_KEY in the model's env (the bridge reads it too)",
+    "trust_remote_code": "",  # handled apart: it is allowed, and off unless the spec says so
+}
+_FASTCHAT_RESERVED = {
+    **_SERVE_RESERVED,
+    "model_path": f"{_SET_BY_US} (models[].path)",
+    "model_names": f"{_SET_BY_US} (models[].name)",
+    "tensor_parallel_size": "",  # becomes --num-gpus, which vllm_worker copies into it
+}
+
+
+@dataclass(frozen=True)
+class ProcessCommand:
+    """A process to supervise: argv and the environment it adds."""
+
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+
+
+def internal_port(replica_port: int) -> int:
+    """The loopback port of a replica's ``vllm serve``: the replica's port + 1000 (31020 -> 32020)."""
+    return replica_port + INTERNAL_PORT_OFFSET
+
+
+def vllm_serve_command(
+    *,
+    python: str,
+    model_path: str,
+    served_name: str,
+    port: int,
+    engine_args: EngineArgs = (),
+    gpus: Sequence[int] = (),
+    trust_remote_code: bool = False,
+    host: str = "127.0.0.1",
+) -> ProcessCommand:
+    """``vllm serve MODEL`` on ``host:port`` (loopback) for one replica.
+
+    Args:
+        python: The host's Python, with vLLM installed.
+        model_path: The model directory (or Hugging Face repo id) on the host.
+        served_name: The name vLLM serves it as (the bridge asks for this name).
+        port: The internal port (see :func:`internal_port`).
+        engine_args: Spec engine arguments (``dtype``, ``max_model_len``, ``quantization``...).
+        gpus: The replica's GPUs: ``CUDA_VISIBLE_DEVICES``, and the default tensor parallel size.
+        trust_remote_code: Run the model repository's code (also ``engine_args.trust_remote_code``).
+        host: Address to bind; loopback unless you know why not.
+
+    Raises:
+        SpecError: An engine argument is unknown to the recorded ``vllm serve``, reserved or
+            invalid (path ``engine_args.<key>``).
+    """
+    args = pairs(engine_args)
+    trust = trust_remote_code or args.get("trust_remote_code") is True
+    flags = engine_flags(args, serve_flags(), _SERVE_RESERVED)
+    tensor_parallel = _tensor_parallel_size(args, gpus)
+    argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", model_path]
+    argv += ["--host", host, "--port", str(port), "--served-model-name", served_name]
+    if "tensor_parallel_size" not in args and tensor_parallel > 1:
+        argv += ["--tensor-parallel-size", str(tensor_parallel)]
+    argv += flags
+    if trust:
+        argv.append("--trust-remote-code")  # vLLM's default is off, so off needs no flag
+    return ProcessCommand(tuple(argv), _gpu_env(gpus))
+
+
+def bridge_command(
+    *,
+    python: str,
+    upstream_port: int,
+    model_name: str,
+    conv_template: str,
+    host: str,
+    port: int,
+    worker_address: str,
+    controller_address: str,
+    heartbeat_interval: int | None = None,
+    allowed_clients_file: str | None = None,
+    limit_worker_concurrency: int | None = None,
+) -> tuple[str, ...]:
+    """``python -m deploy.runtime.vllm_bridge`` in front of ``vllm serve`` on ``upstream_port``."""
+    argv = [python, "-m", "deploy.runtime.vllm_bridge"]
+    argv += ["--upstream", f"http://127.0.0.1:{upstream_port}", "--upstream-model", model_name]
+    argv += ["--model-names", model_name, "--conv-template", conv_template]
+    argv += ["--host", host, "--port", str(port)]
+    argv += ["--worker-address", worker_address, "--controller-address", controller_address]
+    if heartbeat_interval is not None:
+        argv += ["--heartbeat-interval", str(heartbeat_interval)]
+    if limit_worker_concurrency is not None:
+        argv += ["--limit-worker-concurrency", str(limit_worker_concurrency)]
+    if allowed_clients_file is not None:
+        argv += ["--allowed-clients-file", allowed_clients_file]
+    return tuple(argv)
+
+
+def fastchat_vllm_command(
+    *,
+    python: str,
+    model_path: str,
+    model_name: str,
+    conv_template: str,
+    host: str,
+    port: int,
+    worker_address: str,
+    controller_address: str,
+    engine_args: EngineArgs = (),
+    gpus: Sequence[int] = (),
+    trust_remote_code: bool = False,
+    heartbeat_interval: int | None = None,
+    limit_worker_concurrency: int | None = None,
+) -> ProcessCommand:
+    """The stock ``python -m fastchat.serve.vllm_worker`` (for vLLM 0.2.7-0.6.2 only).
+
+    Its ``--trust_remote_code`` turns remote code OFF (``store_false``, default on), so it is
+    passed unless the spec trusts the model; trusting passes vLLM's ``--trust-remote-code``.
+    Its ``--num-gpus`` overrides the tensor parallel size, so that size is passed as it.
+
+    Raises:
+        SpecError: An engine argument is unknown to vLLM 0.6.2's engine, reserved or invalid.
+    """
+    args = pairs(engine_args)
+    trust = trust_remote_code or args.get("trust_remote_code") is True
+    flags = engine_flags(args, fastchat_engine_flags(), _FASTCHAT_RESERVED)
+    tensor_parallel = _tensor_parallel_size(args, gpus)
+    argv = [python, "-m", "fastchat.serve.vllm_worker"]
+    argv += ["--host", host, "--port", str(port)]
+    argv += ["--worker-address", worker_address, "--controller-address", controller_address]
+    argv += ["--model-path", model_path, "--model-names", model_name, "--conv-template", conv_template]
+    argv += ["--num-gpus", str(tensor_parallel)]
+    if limit_worker_concurrency is not None:
+        argv += ["--limit-worker-concurrency", str(limit_worker_concurrency)]
+    argv.append("--trust-remote-code" if trust else "--trust_remote_code")
+    argv += flags
+    env = [*_gpu_env(gpus), ("LOGDIR", "")]  # FastChat's own log files off: supervisord keeps the log
+    if heartbeat_interval is not None:
+        env.append(("FASTCHAT_WORKER_HEART_BEAT_INTERVAL", str(heartbeat_interval)))
+    return ProcessCommand(tuple(argv), tuple(env))
+
+
+def _tensor_parallel_size(args: Mapping[str, EngineValue], gpus: Sequence[int]) -> int:
+    """The spec's tensor parallel size, else the replica's GPUs over the pipeline parallel size."""
+    sizes: dict[str, int] = {}
+    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+        value = args.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"engine_args.{key}", "must be a whole number, at least 1")
+        sizes[key] = value
+    pipeline = sizes["pipeline_parallel_size"]
+    tensor = (
+        sizes["tensor_parallel_size"] if "tensor_parallel_size" in args else max(len(gpus) // pipeline, 1)
+    )
+    if gpus and tensor * pipeline > len(gpus):
+        raise SpecError(
+            "engine_args.tensor_parallel_size",
+            f"tensor x pipeline parallel size {tensor * pipeline} needs as many GPUs; "
+            f"the replica has {len(gpus)}",
+        )
+    return tensor
+
+
+def _gpu_env(gpus: Sequence[int]) -> tuple[tuple[str, str], ...]:
+    return (
+        ("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in gpus)),
+        # vLLM reports usage statistics to its authors unless told not to.
+        ("VLLM_NO_USAGE_STATS", "1"),
+        ("DO_NOT_TRACK", "1"),
+    )

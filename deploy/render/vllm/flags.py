@@ -1,0 +1,150 @@
+"""The recorded flags of vLLM's parsers, and spec engine arguments checked against them (pure).
+
+The records live in ``deploy/render/data/`` and are written by ``scripts/refresh-vllm-flags.py``:
+``vllm_serve_flags.json`` (``vllm serve`` of the release the project documents) and
+``vllm_engine_flags_0.6.2.json`` (the engine flags ``fastchat.serve.vllm_worker`` gets from
+vLLM 0.6.2). Each says its vLLM version, the date and the method of the recording.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from deploy.errors import SpecError
+from deploy.spec.model import EngineValue
+
+__all__ = [
+    "FASTCHAT_ENGINE_RELEASE",
+    "EngineArgs",
+    "Flag",
+    "FlagRecord",
+    "engine_flags",
+    "fastchat_engine_flags",
+    "pairs",
+    "serve_flags",
+]
+
+EngineArgs = Mapping[str, EngineValue] | Iterable[tuple[str, EngineValue]]
+FASTCHAT_ENGINE_RELEASE = "0.6.2"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag of a recorded parser."""
+
+    flag: str
+    takes_value: bool
+    negative: str | None = None
+    nargs: str | None = None
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class FlagRecord:
+    """The flags of one vLLM release's parser, as recorded in ``deploy/render/data/``.
+
+    Attributes:
+        vllm_version: The release.
+        recorded: The date of the recording.
+        method: How the list was made.
+        command: The parser (``vllm serve``, or the engine flags ``vllm_worker`` adds).
+        flags: Every accepted spelling (aliases and negative forms too) -> its flag.
+    """
+
+    vllm_version: str
+    recorded: str
+    method: str
+    command: str
+    flags: Mapping[str, Flag]
+
+    @classmethod
+    def load(cls, resource: str) -> FlagRecord:
+        """Read ``deploy/render/data/<resource>``."""
+        data: dict[str, Any] = json.loads(
+            resources.files("deploy.render.data").joinpath(resource).read_text("utf-8")
+        )
+        flags: dict[str, Flag] = {}
+        for entry in data["flags"]:
+            choices = tuple(entry["choices"]) if entry.get("choices") else None
+            flag = Flag(
+                entry["flag"], entry["takes_value"], entry.get("negative"), entry.get("nargs"), choices
+            )
+            for name in (entry["flag"], *entry.get("aliases", ()), entry.get("negative")):
+                if name:
+                    flags[name] = flag
+        return cls(data["vllm_version"], data["recorded"], data["method"], data["command"], flags)
+
+
+@cache
+def serve_flags() -> FlagRecord:
+    """The flags of ``vllm serve`` in the documented vLLM release."""
+    return FlagRecord.load("vllm_serve_flags.json")
+
+
+@cache
+def fastchat_engine_flags() -> FlagRecord:
+    """The engine flags ``fastchat.serve.vllm_worker`` gets from vLLM 0.6.2."""
+    return FlagRecord.load(f"vllm_engine_flags_{FASTCHAT_ENGINE_RELEASE}.json")
+
+
+def pairs(engine_args: EngineArgs) -> dict[str, EngineValue]:
+    """Engine arguments as a dict, from a mapping or the spec's tuple of pairs."""
+    items = engine_args.items() if isinstance(engine_args, Mapping) else engine_args
+    return dict(items)
+
+
+def engine_flags(
+    args: Mapping[str, EngineValue], record: FlagRecord, reserved: Mapping[str, str]
+) -> list[str]:
+    """Engine arguments as flags of ``record``'s parser.
+
+    Args:
+        args: ``snake_case`` keys and values (true/false for switches, lists for many values).
+        record: The parser's recorded flags.
+        reserved: Keys that may not be given, each with why (an empty reason: skipped, the
+            caller handles the key itself).
+
+    Raises:
+        SpecError: path ``engine_args.<key>``: reserved, unknown (with close names), a value for a
+            switch, a list for a one-value flag, or a value outside the flag's choices.
+    """
+    flags: list[str] = []
+    for key, value in args.items():
+        path = f"engine_args.{key}"
+        if key in reserved:
+            if reserved[key]:
+                raise SpecError(path, reserved[key])
+            continue
+        name = "--" + key.replace("_", "-")
+        flag = record.flags.get(name)
+        if flag is None:
+            close = difflib.get_close_matches(name, list(record.flags), n=3)
+            hint = f"; did you mean {', '.join(c[2:].replace('-', '_') for c in close)}?" if close else ""
+            raise SpecError(path, f"vLLM {record.vllm_version} ({record.command}) has no flag {name}{hint}")
+        flags += _flag_values(path, name, flag, value)
+    return flags
+
+
+def _flag_values(path: str, name: str, flag: Flag, value: EngineValue) -> list[str]:
+    if isinstance(value, bool):
+        if flag.takes_value:
+            return [name, str(value).lower()]
+        if value:
+            return [name]
+        # A negative spelling set to false, or a switch without a negative form: leave it out.
+        return [flag.negative] if flag.negative and name != flag.negative else []
+    if not flag.takes_value:
+        raise SpecError(path, f"{name} is a switch: set it to true or false")
+    values = [str(v) for v in value] if isinstance(value, tuple) else [str(value)]
+    if len(values) != 1 and flag.nargs not in ("+", "*"):
+        raise SpecError(path, f"{name} takes one value, not a list")
+    bad = [v for v in values if flag.choices and v not in flag.choices]
+    if bad:
+        raise SpecError(path, f"{bad[0]!r} is not one of {', '.join(flag.choices or ())}")
+    return [name, *values]

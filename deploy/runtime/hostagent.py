@@ -1,0 +1,345 @@
+"""The host side of ``llm-deploy``: small questions and actions, run with the host's python.
+
+``python -m deploy.runtime.hostagent`` reads ``{"ops": [...]}`` (JSON) on stdin, runs each operation and
+prints one JSON list with a result per operation. Batching keeps one round trip per host per
+poll, which matters over SSH. Requests (including the API key of a probe) travel on stdin, so
+nothing secret shows in ``ps``.
+
+Standard library only (plus supervisor's XML-RPC transport for ``rpc``): this runs on every
+host, inside the runtime environment, many times per ``up``.
+
+Operations (``op`` key), and what they answer:
+
+- ``rpc`` ``socket, calls: [[method, *args], ...]`` -> ``{"results": [{"ok": value} |
+  {"fault": code, "text": str}]}`` or ``{"error": "no socket" | str}``: supervisord XML-RPC.
+- ``http`` ``method, url, json?, headers?, timeout?, cafile?`` -> ``{"status": int, "body": str}`` or
+  ``{"error": str}``: one HTTP request, no proxies.
+- ``bindable`` ``address, port`` -> ``{"free": bool, "error": str}``.
+- ``read`` ``path, tail_lines?, offset?, max_bytes?`` -> ``{"exists": bool, "text": str, "size": int}``.
+- ``stat`` ``path`` -> ``{"exists": bool, "is_dir": bool}``; ``mkdir`` ``path, mode``; ``home``.
+- ``processes`` ``pids`` -> ``{"alive": {pid: cmdline}}``.
+- ``signal`` ``pid, signal, must_contain`` -> ``{"sent": bool}``: only to a process whose command
+  line contains ``must_contain`` (so a reused pid is never hit).
+- ``start_supervisord`` ``conf`` -> ``{"exit_code": int, "output": str}``.
+- ``facts`` ``dists, paths, ports: [[address, port]], gpus: bool, disk_path`` -> ``{"python",
+  "executable", "versions": {dist: str|None}, "paths": {path: bool}, "ports": [bindable...],
+  "gpus": {"present": bool, "indexes": [int], "error": str}, "disk_free": int, "time": float}``
+  (``doctor``'s questions about one host, answered in one round trip).
+- ``listen`` ``sockets: [[address, port]], seconds, expect`` -> ``{"bound": [str], "peers":
+  [str]}``: accept connections for a while (a stand-in for a component not yet started, so
+  ``doctor`` can prove a port is reachable before anything listens on it).
+- ``connect`` ``address, port, timeout, retry_refused`` -> ``{"ok": bool, "error": str}``: a TCP
+  connection from this host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+# The environment supervisord (and so every component) starts with: the login basics only.
+# Proxies would break the components' calls to each other; CPU_ISA makes FastChat try IPEX.
+KEEP_ENV = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+)
+KEEP_ENV_PREFIXES = ("LD_LIBRARY_PATH", "CUDA_HOME", "HF_HOME")
+MAX_BODY = 256 * 1024
+
+
+def op_rpc(req: dict[str, Any]) -> dict[str, Any]:
+    import xmlrpc.client
+
+    from supervisor.xmlrpc import SupervisorTransport
+
+    path = req["socket"]
+    if not os.path.exists(path):
+        return {"error": "no socket"}
+    transport = SupervisorTransport(None, None, f"unix://{path}")
+    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+    results: list[dict[str, Any]] = []
+    try:
+        for method, *args in req["calls"]:
+            target: Any = proxy
+            for part in method.split("."):
+                target = getattr(target, part)
+            try:
+                results.append({"ok": target(*args)})
+            except xmlrpc.client.Fault as fault:
+                results.append({"fault": fault.faultCode, "text": fault.faultString})
+    except OSError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "results": results}
+    return {"results": results}
+
+
+def op_http(req: dict[str, Any]) -> dict[str, Any]:
+    body = None
+    headers = dict(req.get("headers") or {})
+    if req.get("json") is not None:
+        body = json.dumps(req["json"]).encode()
+        headers.setdefault("Content-Type", "application/json")
+    request = urllib.request.Request(  # noqa: S310
+        req["url"], data=body, headers=headers, method=req.get("method", "GET")
+    )
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if req.get("cafile"):
+        import ssl
+
+        # The API server's own certificate (api_server.tls.cert), trusted for this request only.
+        try:
+            context = ssl.create_default_context(cafile=req["cafile"])
+        except (OSError, ssl.SSLError) as exc:
+            return {"error": f"cannot use {req['cafile']} as the trusted certificate: {exc}"}
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        # The URLs are ones built by llm-deploy from the spec.
+        with opener.open(request, timeout=float(req.get("timeout", 5))) as resp:
+            return {"status": resp.status, "body": resp.read(MAX_BODY).decode("utf-8", "replace")}
+    except urllib.error.HTTPError as exc:
+        return {"status": exc.code, "body": exc.read(MAX_BODY).decode("utf-8", "replace")}
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return {"error": str(reason) or type(exc).__name__}
+
+
+def op_bindable(req: dict[str, Any]) -> dict[str, Any]:
+    # Bind as uvicorn will (SO_REUSEADDR), so a port in TIME_WAIT counts as free.
+    try:
+        infos = socket.getaddrinfo(req["address"], req["port"], type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return {"free": False, "error": f"cannot resolve {req['address']}: {exc}"}
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError as exc:
+                return {"free": False, "error": exc.strerror or str(exc)}
+    return {"free": True, "error": ""}
+
+
+def op_read(req: dict[str, Any]) -> dict[str, Any]:
+    path = req["path"]
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            max_bytes = int(req.get("max_bytes", MAX_BODY))
+            if "offset" in req:
+                f.seek(min(int(req["offset"]), size))
+            else:
+                f.seek(max(0, size - max_bytes))
+            data = f.read(max_bytes)
+            end = f.tell()
+    except FileNotFoundError:
+        return {"exists": False, "text": "", "size": 0}
+    except OSError as exc:
+        return {"exists": True, "text": "", "size": 0, "error": exc.strerror or str(exc)}
+    text = data.decode("utf-8", "replace")
+    if req.get("tail_lines"):
+        text = "\n".join(text.splitlines()[-int(req["tail_lines"]) :])
+    return {"exists": True, "text": text, "size": size, "end": end}
+
+
+def op_stat(req: dict[str, Any]) -> dict[str, Any]:
+    return {"exists": os.path.exists(req["path"]), "is_dir": os.path.isdir(req["path"])}
+
+
+def op_mkdir(req: dict[str, Any]) -> dict[str, Any]:
+    try:
+        os.makedirs(req["path"], mode=int(req.get("mode", 0o700)), exist_ok=True)
+        os.chmod(req["path"], int(req.get("mode", 0o700)))
+    except OSError as exc:
+        return {"ok": False, "error": f"cannot create {req['path']}: {exc.strerror or exc}"}
+    return {"ok": True}
+
+
+def op_home(req: dict[str, Any]) -> dict[str, Any]:
+    return {"home": os.path.expanduser("~")}
+
+
+def _cmdline(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return ""
+        return ""
+
+
+def op_processes(req: dict[str, Any]) -> dict[str, Any]:
+    alive = {}
+    for pid in req["pids"]:
+        cmd = _cmdline(int(pid)) if int(pid) > 0 else None
+        if cmd is not None:
+            alive[str(pid)] = cmd
+    return {"alive": alive}
+
+
+def op_signal(req: dict[str, Any]) -> dict[str, Any]:
+    pid = int(req["pid"])
+    cmd = _cmdline(pid) if pid > 0 else None
+    if not cmd or req["must_contain"] not in cmd:
+        return {"sent": False}
+    try:
+        os.kill(pid, int(req["signal"]))
+    except OSError:
+        return {"sent": False}
+    return {"sent": True}
+
+
+def op_start_supervisord(req: dict[str, Any]) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k in KEEP_ENV or k.startswith(KEEP_ENV_PREFIXES)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "supervisor.supervisord", "-c", req["conf"]],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+            check=False,
+            # supervisord opens its own log before applying its umask=077: without this the
+            # log would be created world-readable.
+            umask=0o077,
+        )
+    except subprocess.TimeoutExpired:
+        return {"exit_code": -1, "output": "supervisord did not daemonize within 60 s"}
+    output = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+    return {"exit_code": proc.returncode, "output": output}
+
+
+def op_facts(req: dict[str, Any]) -> dict[str, Any]:
+    import importlib.metadata
+    import shutil
+    import time
+
+    versions: dict[str, str | None] = {}
+    for dist in req.get("dists", []):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    gpus: dict[str, Any] = {"present": False, "indexes": [], "error": ""}
+    if req.get("gpus"):
+        gpus = _gpus(shutil.which("nvidia-smi"))
+    disk = os.path.expanduser(req.get("disk_path") or "~")
+    while not os.path.exists(disk) and disk not in ("/", ""):
+        disk = os.path.dirname(disk)  # the state directory may not exist before the first up
+    return {
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "versions": versions,
+        "paths": {p: os.path.exists(os.path.expanduser(p)) for p in req.get("paths", [])},
+        "ports": [op_bindable({"address": a, "port": p}) for a, p in req.get("ports", [])],
+        "gpus": gpus,
+        "disk_free": shutil.disk_usage(disk or "/").free,
+        "time": time.time(),
+    }
+
+
+def _gpus(nvidia_smi: str | None) -> dict[str, Any]:
+    if nvidia_smi is None:
+        return {"present": False, "indexes": [], "error": "nvidia-smi not found"}
+    argv = [nvidia_smi, "--query-gpu=index", "--format=csv,noheader"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"present": True, "indexes": [], "error": str(exc)}
+    if proc.returncode != 0:
+        return {"present": True, "indexes": [], "error": (proc.stderr or proc.stdout).strip()[-300:]}
+    indexes = [int(x) for x in proc.stdout.split() if x.strip().isdigit()]
+    return {"present": True, "indexes": indexes, "error": ""}
+
+
+def op_listen(req: dict[str, Any]) -> dict[str, Any]:
+    import selectors
+    import time
+
+    deadline = time.monotonic() + float(req.get("seconds", 10))
+    sel = selectors.DefaultSelector()
+    bound: list[str] = []
+    peers: list[str] = []
+    for address, port in req["sockets"]:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, int(port)))
+            s.listen(16)
+        except OSError:
+            s.close()
+            continue
+        sel.register(s, selectors.EVENT_READ)
+        bound.append(f"{address}:{port}")
+    # Stops early once every expected peer connected; the deadline bounds it otherwise.
+    while bound and len(peers) < int(req.get("expect", 0)) and (left := deadline - time.monotonic()) > 0:
+        for key, _ in sel.select(timeout=left):
+            conn, peer = key.fileobj.accept()  # type: ignore[union-attr]
+            peers.append(peer[0])
+            conn.close()
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()  # type: ignore[union-attr]
+    return {"bound": bound, "peers": peers}
+
+
+def op_connect(req: dict[str, Any]) -> dict[str, Any]:
+    from deploy.polling import DeadlineExceeded, poll_until
+
+    timeout = float(req.get("timeout", 5))
+    last = {"error": ""}
+
+    def attempt() -> dict[str, Any] | None:
+        try:
+            with socket.create_connection((req["address"], int(req["port"])), timeout=timeout):
+                return {"ok": True, "error": ""}
+        except ConnectionRefusedError as exc:
+            # A stand-in listener may still be starting on the other host: a refusal is retried
+            # until the deadline; a timeout or an unreachable network is final.
+            last["error"] = exc.strerror or "connection refused"
+            return None if req.get("retry_refused") else {"ok": False, "error": last["error"]}
+        except OSError as exc:
+            error = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            return {"ok": False, "error": error}
+
+    try:
+        return poll_until(attempt, seconds=timeout, what="connect", max_interval=0.3)
+    except DeadlineExceeded:
+        return {"ok": False, "error": last["error"]}
+
+
+OPS = {name[3:]: fn for name, fn in globals().items() if name.startswith("op_")}
+
+
+def main() -> None:
+    """Answer the operations read on stdin with one JSON list on stdout."""
+    request = json.load(sys.stdin)
+    results = []
+    for op in request["ops"]:
+        handler = OPS.get(op.get("op", ""))
+        results.append(handler(op) if handler else {"error": f"unknown op {op.get('op')!r}"})
+    sys.stdout.write(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
