@@ -16,8 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast, get_args
 
-from agent_llm.choice import MAX_TOKENS_KEYS, choose_by_generation
-from agent_llm.errors import ConfigurationError, ContextLengthExceededError
+from agent_llm.choice import MAX_TOKENS_KEYS, match_option, parse_answer, reask_messages, with_options
+from agent_llm.errors import ChoiceError, ConfigurationError, ContextLengthExceededError
 
 __all__ = [
     "ChoiceMethod",
@@ -171,7 +171,7 @@ class LanguageBackend(ABC):
                 if method == "loglik":
                     raise ConfigurationError(f"choice_method: loglik is not available here: {exc}") from exc
                 fallback = str(exc)
-        return choose_by_generation(self, messages, unique, parse_func, kwargs, fallback)
+        return self._choose_by_generation(messages, unique, parse_func, kwargs, fallback)
 
     def batch_chat_completion(
         self,
@@ -281,6 +281,74 @@ class LanguageBackend(ABC):
             prompt_tokens=result.prompt_tokens,
         )
         return chosen
+
+    def _choose_by_generation(
+        self,
+        messages: Sequence[Message],
+        options: list[str],
+        parse_func: Callable[[str], Any] | None,
+        settings: Mapping[str, Any],
+        fallback: str | None = None,
+    ) -> str:
+        """Ask for one of the numbered ``options`` at temperature 0; re-ask once on failure.
+
+        Like the original framework, the generation's own history entry becomes the record of the
+        choice (``parsed_response`` is the chosen option); ``fallback`` says why scoring was not used.
+
+        Raises:
+            ChoiceError: Neither answer matched an option.
+        """
+        asked = with_options(messages, options)
+        call_settings = {"temperature": 0, **settings}
+        if parse_func is None and not any(k in settings for k in MAX_TOKENS_KEYS):
+            # The answer is a number or an option's text: no need to pay for a long generation.
+            call_settings["max_tokens"] = 16 + max(len(o) for o in options) // 2
+        answer = ""
+        for attempt in (1, 2):
+            before = len(self.history)
+            raw = self.chat_completion(asked, None, **call_settings)
+            answer, problem = parse_answer(raw, parse_func)
+            found = match_option(answer, options, min_similarity=self.choice_min_similarity)
+            if found is None and answer != raw:
+                found = match_option(raw, options, min_similarity=self.choice_min_similarity)
+            details: dict[str, Any] = {"choice_method": "generate", "choice_attempt": attempt}
+            if fallback:
+                details["choice_fallback"] = fallback
+            if found is not None:
+                details.update(match=found.kind, similarity=round(found.similarity, 4))
+                self._finish_choice(before, messages, options, raw, found.option, details)
+                return found.option
+            problem = problem or f"Your answer {answer!r} is not one of the options."
+            self._finish_choice(before, messages, options, raw, None, {**details, "choice_problem": problem})
+            asked = reask_messages(asked, raw, options, problem)
+        raise ChoiceError(answer, options, " (after one re-ask)")
+
+    def _finish_choice(
+        self,
+        history_len_before: int,
+        messages: Sequence[Message],
+        options: list[str],
+        raw: str,
+        chosen: str | None,
+        details: dict[str, Any],
+    ) -> None:
+        updates = {
+            "parsed_response": chosen,
+            "input_options": list(options),
+            "chosen_option": chosen,
+            **details,
+        }
+        if self.amend_last_entry(history_len_before, updates):
+            self.log(
+                {
+                    "llm:input_options": list(options),
+                    "llm:chosen_option": chosen,
+                    **{f"llm:{k}": v for k, v in details.items()},
+                }
+            )
+        else:
+            # A custom backend whose chat_completion keeps no history gets an entry of its own.
+            self.record_choice(messages, options, raw, chosen, details)
 
     def record_choice(
         self,

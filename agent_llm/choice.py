@@ -14,20 +14,15 @@ import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
-
-from agent_llm.errors import ChoiceError
-
-if TYPE_CHECKING:
-    from agent_llm.backend import LanguageBackend
+from typing import Any, Literal
 
 __all__ = [
     "Match",
     "MatchKind",
-    "choose_by_generation",
     "match_option",
     "normalise",
     "numbered_options",
+    "parse_answer",
     "reask_messages",
     "similarity",
     "with_options",
@@ -176,66 +171,7 @@ def _words(text: str) -> str:
     return " ".join(text.translate(str.maketrans(_PUNCT, " " * len(_PUNCT))).split())
 
 
-def choose_by_generation(
-    backend: LanguageBackend,
-    messages: Sequence[Message],
-    options: list[str],
-    parse_func: Callable[[str], Any] | None,
-    settings: Mapping[str, Any],
-    fallback: str | None = None,
-) -> str:
-    """Ask ``backend`` for one of the numbered ``options`` at temperature 0; re-ask once on failure.
-
-    Like the original framework, the generation's own history entry becomes the record of the
-    choice (``parsed_response`` is the chosen option); ``fallback`` says why scoring was not used.
-
-    Raises:
-        ChoiceError: Neither answer matched an option.
-    """
-    asked = with_options(messages, options)
-    call_settings = {"temperature": 0, **settings}
-    if parse_func is None and not any(k in settings for k in MAX_TOKENS_KEYS):
-        # The answer is a number or an option's text: no need to pay for a long generation.
-        call_settings["max_tokens"] = 16 + max(len(o) for o in options) // 2
-    answer = ""
-    for attempt in (1, 2):
-        before = len(backend.history)
-        raw = backend.chat_completion(asked, None, **call_settings)
-        answer, problem = _parse(raw, parse_func)
-        found = match_option(answer, options, min_similarity=backend.choice_min_similarity)
-        if found is None and answer != raw:
-            found = match_option(raw, options, min_similarity=backend.choice_min_similarity)
-        details: dict[str, Any] = {"choice_method": "generate", "choice_attempt": attempt}
-        if fallback:
-            details["choice_fallback"] = fallback
-        if found is not None:
-            details.update(match=found.kind, similarity=round(found.similarity, 4))
-            _finish(backend, before, messages, options, raw, found.option, details)
-            return found.option
-        problem = problem or f"Your answer {answer!r} is not one of the options."
-        _finish(backend, before, messages, options, raw, None, {**details, "choice_problem": problem})
-        asked = reask_messages(asked, raw, options, problem)
-    raise ChoiceError(answer, options, " (after one re-ask)")
-
-
-def _finish(
-    backend: LanguageBackend,
-    history_len_before: int,
-    messages: Sequence[Message],
-    options: list[str],
-    raw: str,
-    chosen: str | None,
-    details: dict[str, Any],
-) -> None:
-    updates = {"parsed_response": chosen, "input_options": list(options), "chosen_option": chosen, **details}
-    if backend.amend_last_entry(history_len_before, updates):
-        backend.log({"llm:input_options": list(options), "llm:chosen_option": chosen, **_prefixed(details)})
-    else:
-        # A custom backend whose chat_completion keeps no history gets an entry of its own.
-        backend.record_choice(messages, options, raw, chosen, details)
-
-
-def _parse(raw: str, parse_func: Callable[[str], Any] | None) -> tuple[str, str | None]:
+def parse_answer(raw: str, parse_func: Callable[[str], Any] | None) -> tuple[str, str | None]:
     """The parsed answer as text, and what went wrong parsing it (None when nothing did)."""
     if parse_func is None:
         return raw, None
@@ -244,7 +180,3 @@ def _parse(raw: str, parse_func: Callable[[str], Any] | None) -> tuple[str, str 
     except Exception as exc:
         return raw, f"Your answer could not be parsed ({exc})."
     return (parsed if isinstance(parsed, str) else str(parsed)), None
-
-
-def _prefixed(details: Mapping[str, Any]) -> dict[str, Any]:
-    return {f"llm:{k}": v for k, v in details.items()}
