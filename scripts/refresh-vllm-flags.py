@@ -7,7 +7,7 @@ Two records live in ``deploy/render/data/`` (read by :mod:`deploy.render.vllm`):
   (the ``vllm`` worker kind). Written by the ``serve`` mode, which builds vLLM's own parser
   (``vllm.entrypoints.common.cli_args.make_arg_parser``, as ``vllm serve`` does) and reads its
   actions. Run it where vLLM is installed, or point ``--vllm-src`` at an unpacked wheel whose
-  Python dependencies are importable (README.md, "Serving with vLLM", says how the record was
+  Python dependencies are importable (docs/vllm.md, "The recorded flag lists", says how the record was
   made without a GPU).
 - ``vllm_engine_flags_0.6.2.json``: the engine flags ``fastchat.serve.vllm_worker`` adds from
   vLLM 0.6.2 (the last release it runs with; the ``fastchat-vllm`` kind). Written by the

@@ -42,9 +42,6 @@ __all__ = ["UpResult", "observe", "run_up"]
 
 # Longest unix socket path the kernel takes (sun_path is 108 bytes with the final NUL).
 MAX_SOCKET_PATH = 107
-TINY_BUILD = (
-    "import sys\nfrom deploy.runtime.tiny_model import build_tiny_model\nbuild_tiny_model(sys.argv[1])"
-)
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,7 @@ def ensure_models(hosts: Hosts, reporter: Reporter) -> None:
             agent = hosts.agents[host]
             if agent.one({"op": "stat", "path": f"{path}/config.json"})["exists"]:
                 continue
-            result = agent.connector.run([agent.python, "-c", TINY_BUILD, path], timeout=600)
+            result = agent.connector.run([agent.python, "-m", "deploy.runtime.tiny_model", path], timeout=600)
             if not result.ok:
                 raise PreflightError(
                     f"{host}: building the tiny model at {path} failed (exit {result.exit_code})",

@@ -124,3 +124,19 @@ def build_tiny_model(path: str | Path, *, context_length: int = 2048) -> TinyMod
         vocab_size=len(hf_tok),
         context_length=context_length,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m deploy.runtime.tiny_model PATH [--context-length N]``: build it on this host."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m deploy.runtime.tiny_model", description=main.__doc__)
+    parser.add_argument("path", help="folder to write the model into (created)")
+    parser.add_argument("--context-length", type=int, default=2048)
+    args = parser.parse_args(argv)
+    info = build_tiny_model(args.path, context_length=args.context_length)
+    print(f"tiny model at {info.path}")
+
+
+if __name__ == "__main__":
+    main()

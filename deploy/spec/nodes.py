@@ -105,7 +105,7 @@ class Node:
             return
         unknown = [k for k in self.value if k not in self._used]
         if unknown:
-            raise self.error("unknown key (check the spelling; see the spec table in README.md)", unknown[0])
+            raise self.error("unknown key (check the spelling; see docs/cluster-spec.md)", unknown[0])
 
 
 def _describe(value: Any) -> str:

@@ -129,10 +129,18 @@ def test_nothing_in_the_product_imports_the_test_harness() -> None:
 @pytest.mark.parametrize(
     ("module", "line", "expected"),
     [
-        ("deploy/spec/model.py", "from deploy.hosts.connector import Connector", "deploy.spec -> deploy.hosts"),
+        (
+            "deploy/spec/model.py",
+            "from deploy.hosts.connector import Connector",
+            "deploy.spec -> deploy.hosts",
+        ),
         ("deploy/render/components.py", "import deploy.health.status", "deploy.render -> deploy.health"),
         ("deploy/hosts/group.py", "from deploy.orchestration import plan", "deploy.hosts -> deploy.orchest"),
-        ("deploy/runtime/controller.py", "from deploy.errors import DeployError", "deploy.runtime -> deploy.err"),
+        (
+            "deploy/runtime/controller.py",
+            "from deploy.errors import DeployError",
+            "deploy.runtime -> deploy.err",
+        ),
         ("deploy/runtime/hostagent.py", "from deploy.spec import load", "deploy.runtime -> deploy.spec"),
         ("agent_llm/backend.py", "from deploy.spec import ClusterSpec", "agent_llm -> deploy.spec"),
         ("deploy/api.py", "from devtools.devstack import Stack", "deploy.api -> devtools.devstack"),

@@ -14,6 +14,24 @@ def test_build_is_byte_for_byte_deterministic(tiny_model: Path, tmp_path: Path) 
         assert _digest(tiny_model / name) == _digest(again / name), name
 
 
+def test_the_module_builds_it_on_a_host_as_up_and_the_ansible_role_run_it(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """``python -m deploy.runtime.tiny_model PATH``: the command ``up`` and the worker role run."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "deploy.runtime.tiny_model", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "tiny model at" in out.stdout
+    assert _digest(tmp_path / "m" / "model.safetensors") == _digest(tiny_model / "model.safetensors")
+
+
 def test_loads_with_auto_classes_and_chats(tiny_model: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

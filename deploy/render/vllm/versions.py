@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 # FastChat 0.2.36's vllm_worker: the TokenizerGroup fix needs >= 0.2.7; 0.6.3 removed
-# SamplingParams(use_beam_search=...) it passes on every request (see "Serving with vLLM" in README.md).
+# SamplingParams(use_beam_search=...) it passes on every request (see docs/vllm.md).
 FASTCHAT_VLLM_RANGE = ("0.2.7", "0.6.2")
 # `vllm serve` as `python -m vllm.entrypoints.cli.main serve`, V1 engine, /tokenize, usage in streams.
 VLLM_SERVE_MIN_VERSION = "0.8.0"
