@@ -40,7 +40,7 @@ class RetryPolicy:
         delay = min(self.max_backoff_s, self.initial_backoff_s * (2**retry)) * random.uniform(0.5, 1.0)
         if retry_after is not None:
             delay = max(delay, min(retry_after, self.max_backoff_s))
-        return delay
+        return float(delay)
 
 
 class RetriesExhausted(Exception):

@@ -56,7 +56,7 @@ def watch_state(row: ComponentStatus) -> str:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def changes(old: ClusterStatus | None, new: ClusterStatus, *, at: str | None = None) -> list[StateChange]:

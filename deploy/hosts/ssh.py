@@ -145,7 +145,7 @@ class SSHConnector(Connector):
     def _default_known_hosts(self) -> list[str]:
         configured = self._conn.ssh_config.get("userknownhostsfile")
         if configured:
-            return configured.split()
+            return str(configured).split()
         return ["~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts"]
 
     def _chain(self) -> list[Connection]:

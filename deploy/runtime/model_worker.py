@@ -150,7 +150,8 @@ def _create_worker(fastchat_worker: Any) -> tuple[Any, Any]:
     import requests
 
     try:
-        return fastchat_worker.create_model_worker()
+        created: tuple[Any, Any] = fastchat_worker.create_model_worker()
+        return created
     except requests.exceptions.ConnectionError as exc:
         fail(COMPONENT, f"cannot reach the controller to register (start it first): {exc}")
     except AssertionError as exc:

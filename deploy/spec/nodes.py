@@ -8,7 +8,7 @@ the keys nobody read, so a typo is an error rather than a silently ignored setti
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from deploy.errors import SpecError
 
@@ -86,7 +86,7 @@ class Node:
         if node.value is None:
             if default is MISSING:
                 raise self.error("missing required field", key)
-            return default
+            return cast(T, default)
         return node.scalar(kind)
 
     def scalar(self, kind: type[T]) -> T:
@@ -97,7 +97,7 @@ class Node:
             value, ok = float(value), True
         if not ok:
             raise self.error(f"must be {_TYPE_NAMES.get(kind, kind.__name__)}, got {_describe(value)}")
-        return value
+        return cast(T, value)
 
     def done(self) -> None:
         """Reject every key of this mapping that was never read."""
