@@ -17,13 +17,13 @@ from deploy.errors import DeployError
 from deploy.health.doctor import DoctorReport, open_connectors, run_doctor
 from deploy.health.status import ClusterStatus, cluster_status
 from deploy.hosts.connector import Connector
-from deploy.hosts.group import UnreachableConnector, connect, on_hosts
+from deploy.hosts.group import UnreachableConnector, connect, observe, on_hosts
 from deploy.hosts.observed import ObservedState
 from deploy.hosts.supervisor import DownResult
 from deploy.lock import cluster_lock
 from deploy.orchestration.admission import admit
 from deploy.orchestration.plan import Plan, make_plan
-from deploy.orchestration.up import UpResult, observe, run_up
+from deploy.orchestration.up import UpResult, run_up
 from deploy.render.components import build_components, host_paths
 from deploy.report import RecordingReporter, Reporter
 from deploy.security.hostkeys import read_key_store
@@ -46,7 +46,7 @@ def plan(spec: ClusterSpec, *, offline: bool = False, connectors: Connectors = N
         return make_plan(spec, ObservedState())
     with connect(spec, connectors=connectors) as hosts:
         digest = read_key_store(hosts).digest if hosts.spec.api_server.key_enabled else ""
-        return make_plan(hosts.spec, observe(hosts), api_key_digest=digest)
+        return make_plan(hosts.spec, observe(hosts)[0], api_key_digest=digest)
 
 
 def up(

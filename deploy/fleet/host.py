@@ -2,8 +2,7 @@
 
 The roles never carry a second copy of the command lines. Each host renders its own state files
 with the code ``llm-deploy up`` uses (:func:`deploy.render.components.build_components`,
-:func:`deploy.render.supervisord.host_config` and
-:meth:`deploy.hosts.supervisor.Supervisor.write_config`), and its
+:func:`deploy.render.supervisord.host_config` and :func:`~deploy.render.supervisord.state_files`), and its
 supervisord is driven through :class:`~deploy.hosts.supervisor.Supervisor`, so a host set up by the
 playbook is, file for file, the host ``up`` would have made: ``llm-deploy status`` and ``up``
 find nothing to change.
@@ -39,12 +38,12 @@ from typing import Any
 
 from deploy.errors import ComponentFailed, DeployError
 from deploy.hosts.agent import HostAgent
-from deploy.hosts.connector import CommandResult, Connector, LocalConnector
+from deploy.hosts.connector import LocalConnector
 from deploy.hosts.observed import RUNNING_STATES
 from deploy.hosts.supervisor import Supervisor
 from deploy.polling import DeadlineExceeded, poll_until
 from deploy.render.components import Component, build_components, host_paths
-from deploy.render.supervisord import host_config
+from deploy.render.supervisord import host_config, state_files
 from deploy.security.keystore import KeyStore
 from deploy.spec.load import parse
 from deploy.spec.model import ClusterSpec
@@ -79,33 +78,6 @@ def cluster_from_document(document: Mapping[str, Any], host: str) -> ClusterSpec
     return dataclasses.replace(spec, hosts=tuple(hosts))
 
 
-class _Capture(Connector):
-    """Records what :meth:`Supervisor.write_config` would write, and writes nothing."""
-
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self.files: dict[str, tuple[str, int]] = {}
-        self.dirs: list[str] = []
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        stdin: bytes | None = None,
-    ) -> CommandResult:
-        ops = json.loads(stdin or b"{}").get("ops", [])
-        self.dirs += [op["path"] for op in ops if op.get("op") == "mkdir"]
-        return CommandResult(self.host, " ".join(argv), 0, json.dumps([{"ok": True} for _ in ops]), "")
-
-    def put(self, content: bytes, path: str, *, mode: int = 0o600) -> None:
-        self.files[path] = (content.decode(), mode)
-
-    def get(self, path: str) -> bytes:
-        raise FileNotFoundError(path)
-
-
 def _key_store(spec: ClusterSpec) -> KeyStore:
     path = host_paths(spec.host(spec.api_server.host)).api_keys
     try:
@@ -123,13 +95,11 @@ def _components(spec: ClusterSpec, host: str) -> list[Component]:
 def render_host(spec: ClusterSpec, host: str) -> dict[str, Any]:
     """The files ``up`` writes to ``host``'s state directory, rendered by ``up``'s own code."""
     config = host_config(spec, host, _components(spec, host))
-    capture = _Capture(host)
-    supervisor = Supervisor(HostAgent(capture, sys.executable), host_paths(spec.host(host)))
-    supervisor.write_config(spec, config)
+    state = state_files(spec, config)
     return {
         "changed": False,
-        "dirs": capture.dirs,
-        "files": [{"path": p, "content": c, "mode": f"{m:04o}"} for p, (c, m) in capture.files.items()],
+        "dirs": list(state.dirs),
+        "files": [{"path": f.path, "content": f.content, "mode": f"{f.mode:04o}"} for f in state.files],
         "programs": [c.name for c in config.components],
     }
 

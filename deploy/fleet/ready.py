@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.errors import DeployError
-from deploy.hosts.group import connect
+from deploy.hosts.group import connect, observe
 from deploy.orchestration.plan import make_plan
-from deploy.orchestration.up import UpResult, observe, run_up
+from deploy.orchestration.up import UpResult, run_up
 from deploy.report import RecordingReporter
 from deploy.security.hostkeys import read_key_store
 from deploy.spec.load import load_cluster_spec
@@ -54,7 +54,7 @@ def check_ready(spec: ClusterSpec, *, output_dir: Path | None) -> ReadyResult:
     with connect(spec) as hosts:
         api = hosts.spec.api_server
         keys = read_key_store(hosts)
-        plan = make_plan(hosts.spec, observe(hosts), api_key_digest=keys.digest if api.key_enabled else "")
+        plan = make_plan(hosts.spec, observe(hosts)[0], api_key_digest=keys.digest if api.key_enabled else "")
         if plan:
             actions = "; ".join(f"{a.host}: {a.describe()}" for a in plan.actions)
             raise ClusterDiffers(

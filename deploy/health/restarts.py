@@ -9,12 +9,14 @@ component in, a row out.
   supervisord did (``FATAL``, ``supervision.start_retries`` failures within ``start_secs``); the
   reason carries the log's last lines;
 - ``SUSPENDED``: the controller's active check took the worker out of rotation, and why.
+
+``log_tail`` is the program's last log lines as observed (:data:`TAIL_LINES` of them).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from deploy.hosts.observed import ProgramState
@@ -34,7 +36,7 @@ def heal_row(
     program: ProgramState | None,
     record: RestartRecord | None,
     suspended: Mapping[str, Any] | None,
-    log_tail: Callable[[int], str],
+    log_tail: str,
 ) -> Any:
     """``row`` (a ``ComponentStatus``) with ``since``, ``restarts`` and the self-healing reasons."""
     changes: dict[str, Any] = {}
@@ -55,7 +57,7 @@ def heal_row(
                 f"exited within {s.start_secs} s of its start {s.start_retries + 1} times in a row "
                 f"(supervision.start_retries: {s.start_retries}); not restarted again"
             )
-        tail = " | ".join(line for line in log_tail(TAIL_LINES).splitlines() if line.strip())
+        tail = " | ".join(line for line in log_tail.splitlines()[-TAIL_LINES:] if line.strip())
         changes.update(
             state=FAILED,
             healthy=False,

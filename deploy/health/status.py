@@ -1,22 +1,23 @@
 """``status``: every component's state, as supervisord and the cluster itself see it.
 
-One round of observation, no waiting: supervisord's view per host, then from the head host the
-controller (``/test_connection``, ``/list_workers``: registration, queue length), the API server
-(``/health``, ``/v1/models``) and each worker's port. Anything unhealthy gets a reason.
+One round of observation, no waiting (:func:`observe_status`: supervisord's view per host, then
+from the head host the controller's ``/list_workers`` (registration, queue length), the API
+server's ``/v1/models`` and each component's port), then a pure judgement
+(:func:`judge_status`): anything unhealthy gets a reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from deploy.errors import PhaseFailed
 from deploy.health.ladder import port_probe
-from deploy.health.restarts import heal_row
+from deploy.health.restarts import TAIL_LINES, heal_row
 from deploy.hosts.agent import HttpAnswer, http_op
-from deploy.hosts.group import Hosts, on_hosts
+from deploy.hosts.group import Hosts, observe, on_hosts
 from deploy.hosts.observed import RUNNING_STATES, HostState, ObservedState, ProgramState
 from deploy.render.components import Component, build_components
 from deploy.render.supervisord import program_fingerprint
@@ -24,8 +25,16 @@ from deploy.render.vllm.metrics import parse_metrics
 from deploy.runtime.restarter import RestartRecord
 from deploy.security.hostkeys import read_key_store
 from deploy.security.keystore import KeyStore
+from deploy.spec.model import ClusterSpec
 
-__all__ = ["ClusterStatus", "ComponentStatus", "cluster_status"]
+__all__ = [
+    "ClusterStatus",
+    "ComponentStatus",
+    "StatusObservation",
+    "cluster_status",
+    "judge_status",
+    "observe_status",
+]
 
 
 @dataclass(frozen=True)
@@ -73,26 +82,28 @@ class ClusterStatus:
         }
 
 
-def _observe(hosts: Hosts) -> tuple[ObservedState, dict[str, str]]:
-    try:
-        states = on_hosts(
-            "observe", [h.name for h in hosts.spec.hosts], lambda h: hosts.supervisors[h].observe()
-        )
-        return ObservedState(tuple(states.values())), {}
-    except PhaseFailed as exc:
-        ok = [s for s in exc.succeeded.values() if isinstance(s, HostState)]
-        return ObservedState(tuple(ok)), {h: str(e) for h, e in exc.failed.items()}
+@dataclass(frozen=True)
+class StatusObservation:
+    """Everything ``status`` asks the hosts, in one round: the input of :func:`judge_status`."""
+
+    spec: ClusterSpec
+    components: tuple[Component, ...]
+    observed: ObservedState
+    unreachable: Mapping[str, str]  # host -> why it could not be observed
+    probes: Mapping[str, HttpAnswer]  # component name, "list_workers", "models" -> answer
+    records: Mapping[tuple[str, str], RestartRecord]  # (host, program) -> the restarter's record
+    tails: Mapping[tuple[str, str], str]  # (host, program) -> last log lines, where a reason needs them
 
 
-def cluster_status(hosts: Hosts) -> ClusterStatus:
-    """Observe the cluster once (no waiting) and say what is healthy and why not."""
+def observe_status(hosts: Hosts) -> StatusObservation:
+    """Observe the cluster once, no waiting: supervisord per host, then the cluster from its head."""
     spec = hosts.spec
-    observed, unreachable = _observe(hosts)
+    observed, unreachable = observe(hosts, tolerate_failures=True)
     keys = KeyStore()
     if spec.api_server.key_enabled and spec.api_server.host not in unreachable:
         keys = read_key_store(hosts)
     key = keys.default
-    components = build_components(spec, api_key_digest=keys.digest)
+    components = tuple(build_components(spec, api_key_digest=keys.digest))
     probes: dict[str, HttpAnswer] = _engine_probes(hosts, components, unreachable)
     if spec.controller.host not in unreachable:
         ops: dict[str, dict[str, Any]] = {c.name: port_probe(c) for c in components if c.role != "engine"}
@@ -103,9 +114,39 @@ def cluster_status(hosts: Hosts) -> ClusterStatus:
         ops["models"] = http_op("GET", f"{api.url}/v1/models", headers=headers, cafile=api.ca_file)
         answers = hosts.head.call(list(ops.values()))
         probes = {name: HttpAnswer.parse(a) for name, a in zip(ops, answers, strict=True)}
-    workers = (probes["list_workers"].json() or {}).get("workers", {}) if "list_workers" in probes else {}
-    suspended = (probes["list_workers"].json() or {}).get("suspended", {}) if "list_workers" in probes else {}
     records = _restart_records(hosts, observed, unreachable)
+    tails = {
+        (c.host, c.name): hosts.supervisors[c.host].log_tail(c.name, TAIL_LINES)
+        for c in components
+        if c.host not in unreachable
+        and _needs_tail(observed.host(c.host).program(c.name), probes.get(c.name))
+    }
+    return StatusObservation(spec, components, observed, unreachable, probes, records, tails)
+
+
+def _needs_tail(program: ProgramState | None, port: HttpAnswer | None) -> bool:
+    """Whether a reason will quote the program's log: it is not running, or does not serve."""
+    if program is None:
+        return False
+    return program.state not in RUNNING_STATES or port is None or not port.ok
+
+
+def cluster_status(hosts: Hosts) -> ClusterStatus:
+    """Observe the cluster once (no waiting) and say what is healthy and why not."""
+    return judge_status(observe_status(hosts))
+
+
+def judge_status(seen: StatusObservation) -> ClusterStatus:
+    """Every component's row, with a reason for anything unhealthy (pure)."""
+    spec, components, observed, unreachable, probes = (
+        seen.spec,
+        seen.components,
+        seen.observed,
+        seen.unreachable,
+        seen.probes,
+    )
+    registry = (probes["list_workers"].json() or {}) if "list_workers" in probes else {}
+    workers, suspended = registry.get("workers", {}), registry.get("suspended", {})
     listed = probes["models"].json() if "models" in probes and probes["models"].ok else {}
     api_models = tuple(m.get("id", "") for m in (listed or {}).get("data", []) if isinstance(m, dict))
     rows = []
@@ -117,14 +158,15 @@ def cluster_status(hosts: Hosts) -> ClusterStatus:
             continue
         state = observed.host(c.host)
         program = state.program(c.name) if state.supervisor_running else None
-        rows.append(_row(hosts, c, state, program, probes.get(c.name), workers.get(c.url), api_models))
+        tail = seen.tails.get((c.host, c.name), "")
+        rows.append(_row(c, state, program, probes.get(c.name), workers.get(c.url), api_models, tail))
         rows[-1] = heal_row(
             rows[-1],
             spec,
             program,
-            records.get((c.host, c.name)),
+            seen.records.get((c.host, c.name)),
             suspended.get(c.url) if c.role == "worker" else None,
-            functools.partial(hosts.supervisors[c.host].log_tail, c.name),
+            tail,
         )
         stale = program is not None and program.fingerprint != program_fingerprint(spec, c)
         if stale and not rows[-1].reason:
@@ -149,7 +191,7 @@ def cluster_status(hosts: Hosts) -> ClusterStatus:
 
 
 def _restart_records(
-    hosts: Hosts, observed: ObservedState, unreachable: dict[str, str]
+    hosts: Hosts, observed: ObservedState, unreachable: Mapping[str, str]
 ) -> dict[tuple[str, str], RestartRecord]:
     """(host, program) -> the restarter's record, read on every host where supervisord runs."""
     running = {s.host: [p.name for p in s.programs] for s in observed.hosts if s.supervisor_running}
@@ -164,7 +206,7 @@ def _restart_records(
 
 
 def _engine_probes(
-    hosts: Hosts, components: list[Component], unreachable: dict[str, str]
+    hosts: Hosts, components: Sequence[Component], unreachable: Mapping[str, str]
 ) -> dict[str, HttpAnswer]:
     """Each engine's ``/metrics``, fetched on its own host (it listens on that host's loopback)."""
     engines: dict[str, list[Component]] = {}
@@ -188,13 +230,13 @@ def _engine_probes(
 
 
 def _row(
-    hosts: Hosts,
     c: Component,
     state: HostState,
     program: ProgramState | None,
     port: HttpAnswer | None,
     registration: dict[str, Any] | None,
     api_models: tuple[str, ...],
+    log_tail: str,
 ) -> ComponentStatus:
     base: dict[str, Any] = {"component": c.name, "host": c.host, "address": c.url}
     if not state.supervisor_running:
@@ -216,15 +258,20 @@ def _row(
     elif c.role == "api_server":
         base["models"] = api_models
     if program.state not in RUNNING_STATES:
-        tail = hosts.supervisors[c.host].log_tail(c.name, 1).strip()
+        tail = _last_line(log_tail)
         detail = f"exit status {program.exit_status}" if program.exit_status is not None else program.detail
         return ComponentStatus(**base, healthy=False, reason="; ".join(x for x in (detail, tail) if x))
     if port is None or not port.ok:
         # STARTING is supervisord's first start_secs; the port decides whether it serves.
         why = "starting, port does not answer yet" if program.state == "STARTING" else "port does not answer"
-        tail = hosts.supervisors[c.host].log_tail(c.name, 1).strip()
+        tail = _last_line(log_tail)
         answer = port.describe() if port else "?"
         return ComponentStatus(**base, healthy=False, reason=f"{why} ({answer}); last log line: {tail}")
     if c.role == "worker" and not registration:
         return ComponentStatus(**base, healthy=False, reason="not registered with the controller")
     return ComponentStatus(**base, healthy=True)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""

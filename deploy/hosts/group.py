@@ -17,11 +17,12 @@ from typing import TypeVar
 from deploy.errors import DeployError, PhaseFailed
 from deploy.hosts.agent import HostAgent
 from deploy.hosts.connector import CommandResult, Connector, LocalConnector
+from deploy.hosts.observed import HostState, ObservedState
 from deploy.hosts.supervisor import Supervisor
 from deploy.render.components import host_paths
 from deploy.spec.model import ClusterSpec, HostSpec
 
-__all__ = ["Hosts", "UnreachableConnector", "connect", "on_hosts"]
+__all__ = ["Hosts", "UnreachableConnector", "connect", "observe", "on_hosts"]
 
 T = TypeVar("T")
 
@@ -159,3 +160,23 @@ def connect(
         for name, connector in opened.items():
             if name not in given:
                 connector.close()
+
+
+def observe(hosts: Hosts, *, tolerate_failures: bool = False) -> tuple[ObservedState, dict[str, str]]:
+    """Every host's supervisord and programs, observed in parallel.
+
+    Returns the state and host -> why it could not be observed. Hosts ``connect`` found
+    unreachable (``hosts.down``) are not asked; a host that fails now raises
+    :class:`PhaseFailed` (``up``, ``plan``), or with ``tolerate_failures`` (``status``) is
+    reported with the rest.
+    """
+    unreachable = {h: str(e) for h, e in hosts.down.items()}
+    names = [h.name for h in hosts.spec.hosts if h.name not in unreachable]
+    try:
+        states = on_hosts("observe", names, lambda h: hosts.supervisors[h].observe())
+    except PhaseFailed as exc:
+        if not tolerate_failures:
+            raise
+        ok = [s for s in exc.succeeded.values() if isinstance(s, HostState)]
+        return ObservedState(tuple(ok)), {**unreachable, **{h: str(e) for h, e in exc.failed.items()}}
+    return ObservedState(tuple(states.values())), unreachable

@@ -20,9 +20,8 @@ from deploy.hosts.agent import HostAgent
 from deploy.hosts.observed import HostState, ProgramState
 from deploy.polling import DeadlineExceeded, poll_until
 from deploy.render.components import HostPaths
-from deploy.render.supervisord import HostConfig, program_fingerprint, restart_record_path
+from deploy.render.supervisord import StateFiles, restart_record_path
 from deploy.runtime.restarter import RestartRecord, parse_record
-from deploy.spec.model import ClusterSpec
 
 __all__ = ["DownResult", "Supervisor"]
 
@@ -98,20 +97,12 @@ class Supervisor:
             supervisor_pid=int(rpc["results"][0]["ok"]),
         )
 
-    def write_config(self, spec: ClusterSpec, config: HostConfig) -> None:
-        """Write the state directory: config, the components' files and the applied record."""
-        connector = self.agent.connector
-        self.agent.mkdir(self.paths.state_dir)
-        self.agent.mkdir(self.paths.logs)
-        for component in config.components:
-            for f in component.files:
-                connector.put(f.content.encode(), f.path, mode=f.mode)
-        connector.put(config.conf.encode(), config.conf_path, mode=0o600)
-        record = {
-            "config": config.fingerprint,
-            "programs": {c.name: program_fingerprint(spec, c) for c in config.components},
-        }
-        connector.put(json.dumps(record, indent=2).encode(), self.paths.deployed, mode=0o600)
+    def write_state(self, state: StateFiles) -> None:
+        """Write the state directory (:func:`deploy.render.supervisord.state_files`)."""
+        for directory in state.dirs:
+            self.agent.mkdir(directory)
+        for f in state.files:
+            self.agent.connector.put(f.content.encode(), f.path, mode=f.mode)
 
     def start(self, *, timeout: float = 30.0) -> None:
         """Start supervisord with the written config and wait until it answers."""

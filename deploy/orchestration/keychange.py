@@ -18,10 +18,10 @@ from pathlib import Path
 
 from deploy.errors import DeployError
 from deploy.hosts.connector import Connector
-from deploy.hosts.group import Hosts, connect
+from deploy.hosts.group import Hosts, connect, observe
 from deploy.lock import cluster_lock
 from deploy.orchestration.plan import RestartComponent, StartComponent, StopComponent, make_plan
-from deploy.orchestration.up import UpResult, observe, run_up
+from deploy.orchestration.up import UpResult, run_up
 from deploy.report import RecordingReporter, Reporter
 from deploy.security.hostkeys import key_store_path, read_key_store
 from deploy.security.keystore import DEFAULT_KEY_NAME, KeyStore
@@ -133,7 +133,7 @@ def _change(
 
 def _check_only_api_server_changes(hosts: Hosts, keys: KeyStore) -> None:
     """Refuse when applying ``keys`` would start or stop more than the API server."""
-    plan = make_plan(hosts.spec, observe(hosts), api_key_digest=keys.digest)
+    plan = make_plan(hosts.spec, observe(hosts)[0], api_key_digest=keys.digest)
     names = {
         a.name if isinstance(a, StopComponent) else a.component.name
         for a in plan.actions

@@ -18,8 +18,7 @@ from pathlib import Path
 from deploy.errors import ComponentFailed, PreflightError
 from deploy.health.ladder import Ladder
 from deploy.hosts.agent import http_op
-from deploy.hosts.group import Hosts, on_hosts
-from deploy.hosts.observed import ObservedState
+from deploy.hosts.group import Hosts, observe, on_hosts
 from deploy.orchestration.admission import without_hosts
 from deploy.orchestration.clientconfig import ClientConfig, ServedModel, write_client_config
 from deploy.orchestration.plan import (
@@ -32,13 +31,14 @@ from deploy.orchestration.plan import (
     make_plan,
 )
 from deploy.render.components import Component, host_paths
+from deploy.render.supervisord import state_files
 from deploy.report import Reporter
 from deploy.security.hostkeys import read_key_store
 from deploy.security.keystore import KeyStore
 from deploy.security.tls import ssl_context, trusting
 from deploy.spec.model import ClusterSpec
 
-__all__ = ["UpResult", "observe", "run_up"]
+__all__ = ["UpResult", "run_up"]
 
 # Longest unix socket path the kernel takes (sun_path is 108 bytes with the final NUL).
 MAX_SOCKET_PATH = 107
@@ -53,13 +53,6 @@ class UpResult:
     client_config: ClientConfig | None
     models: tuple[ServedModel, ...]
     left_out: tuple[str, ...] = ()  # hosts left out of a degraded start (require_all_replicas: false)
-
-
-def observe(hosts: Hosts) -> ObservedState:
-    """Every host's state, observed in parallel."""
-    names = [h.name for h in hosts.spec.hosts if h.name not in hosts.down]  # down: a degraded up
-    states = on_hosts("observe", names, lambda h: hosts.supervisors[h].observe())
-    return ObservedState(tuple(states.values()))
 
 
 def port_paths(spec: ClusterSpec) -> dict[str, str]:
@@ -147,7 +140,7 @@ def apply_host_actions(hosts: Hosts, plan: Plan, keys: KeyStore) -> None:
                 sup.stop_program(action.name, grace=grace)
         for action in plan.for_host(host):
             if isinstance(action, StartSupervisor | UpdateSupervisor):
-                sup.write_config(spec, plan.configs[host])
+                sup.write_state(state_files(spec, plan.configs[host]))
                 if host == api_host and keys and spec.api_server.key_enabled:
                     store = keys.render(spec.name).encode()
                     hosts.connectors[host].put(store, sup.paths.api_keys, mode=0o600)
@@ -266,7 +259,7 @@ def run_up(
             keys = KeyStore.generate()  # written with the API host's state files
         keys = keys if spec.api_server.key_enabled else KeyStore()
         key = keys.default
-        plan = make_plan(spec, observe(hosts), api_key_digest=keys.digest)
+        plan = make_plan(spec, observe(hosts)[0], api_key_digest=keys.digest)
         plan = without_hosts(plan, set(hosts.down))  # a degraded up leaves them alone
         phase.detail = f"{len(plan.actions)} action(s)" if plan else "nothing to change"
     if not plan:

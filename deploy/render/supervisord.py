@@ -14,22 +14,25 @@ stopping sends SIGTERM to the whole process group, then SIGKILL after the grace 
 from __future__ import annotations
 
 import hashlib
+import json
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from deploy.errors import SpecError
-from deploy.render.components import Component, HostPaths, host_paths
+from deploy.render.components import Component, HostFile, HostPaths, host_paths
 from deploy.runtime.restarter import GAVE_UP
 from deploy.spec.model import ClusterSpec
 
 __all__ = [
     "FINGERPRINT_ENV",
     "HostConfig",
+    "StateFiles",
     "host_config",
     "program_fingerprint",
     "render_supervisord_conf",
     "restart_record_path",
+    "state_files",
     "supervised_argv",
 ]
 
@@ -160,3 +163,31 @@ def host_config(spec: ClusterSpec, host: str, components: Sequence[Component]) -
     for c in mine:
         digest.update(c.fingerprint.encode())
     return HostConfig(host, paths.conf, conf, digest.hexdigest()[:16], mine)
+
+
+@dataclass(frozen=True)
+class StateFiles:
+    """What ``up`` (and the Ansible host step) writes to a host before its supervisord starts."""
+
+    host: str
+    dirs: tuple[str, ...]
+    files: tuple[HostFile, ...]
+
+
+def state_files(spec: ClusterSpec, config: HostConfig) -> StateFiles:
+    """The state directory of ``config``'s host: the components' files, the config, the record.
+
+    ``deployed.json`` records what was applied (fingerprints), so the planner can tell changed
+    programs from unchanged ones on the next run.
+    """
+    paths = host_paths(spec.host(config.host))
+    record = {
+        "config": config.fingerprint,
+        "programs": {c.name: program_fingerprint(spec, c) for c in config.components},
+    }
+    files = [
+        *(f for c in config.components for f in c.files),
+        HostFile(config.conf_path, config.conf, 0o600),
+        HostFile(paths.deployed, json.dumps(record, indent=2), 0o600),
+    ]
+    return StateFiles(config.host, (paths.state_dir, paths.logs), tuple(files))

@@ -56,7 +56,7 @@ class FakeHost:
         if kind == "rpc":
             if not self.supervisor_up:
                 return {"error": "no socket"}
-            results = []
+            results: list[dict[str, Any]] = []
             for method, *args in op["calls"]:
                 self.rpc_calls.append([method, *args])
                 if method == "supervisor.getAllProcessInfo":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from deploy_helpers import spec_data
 
 from deploy.cli import main
@@ -14,7 +14,7 @@ from deploy.cli import main
 REPO = Path(__file__).resolve().parents[3]
 
 
-def invoke(*args: str) -> object:
+def invoke(*args: str) -> Result:
     return CliRunner().invoke(main, list(args))
 
 

@@ -60,7 +60,9 @@ def test_the_completion_probe_carries_the_key_on_stdin_never_in_argv(spec: Clust
     connector = ladder.head.connector
     assert isinstance(connector, RecordingConnector)
     assert all("k" not in call.argv for call in connector.calls)
-    assert b'"Authorization": "Bearer k"' in connector.calls[-1].stdin
+    stdin = connector.calls[-1].stdin
+    assert stdin is not None
+    assert b'"Authorization": "Bearer k"' in stdin
 
 
 def test_a_worker_that_exits_while_loading_is_reported_at_once_with_its_log_tail(spec: ClusterSpec) -> None:

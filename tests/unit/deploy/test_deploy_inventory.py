@@ -3,7 +3,7 @@
 The parity test is the contract of the fleet path: for a spec with every worker kind, what the
 roles write on each host (rendered there by ``python -m deploy.fleet.host render`` from the
 inventory's cluster document) is, byte for byte and mode for mode, what ``llm-deploy up``
-writes there (``Supervisor.write_config`` with the plan's host config), so both paths start the
+writes there (``Supervisor.write_state`` with the plan's host config), so both paths start the
 same command lines under the same supervision.
 """
 
@@ -29,6 +29,7 @@ from deploy.hosts.observed import ObservedState
 from deploy.hosts.supervisor import Supervisor
 from deploy.orchestration.plan import make_plan
 from deploy.render.components import build_components, host_paths
+from deploy.render.supervisord import state_files
 from deploy.security.keystore import KeyStore
 from deploy.spec.load import load_cluster_spec
 from deploy.spec.model import WORKER_KINDS, ClusterSpec
@@ -94,8 +95,8 @@ def up_writes(spec: ClusterSpec, host: str, digest: str) -> dict[str, tuple[str,
     """What ``llm-deploy up`` writes to ``host`` when it starts its supervisord there."""
     config = make_plan(spec, ObservedState(), api_key_digest=digest).configs[host]
     connector = RecordingConnector(host, replies=lambda call: Reply(stdout=json.dumps([{"ok": True}])))
-    Supervisor(HostAgent(connector, spec.host(host).python), host_paths(spec.host(host))).write_config(
-        spec, config
+    Supervisor(HostAgent(connector, spec.host(host).python), host_paths(spec.host(host))).write_state(
+        state_files(spec, config)
     )
     return {p: (c.decode(), connector.modes[p]) for p, c in connector.files.items()}
 

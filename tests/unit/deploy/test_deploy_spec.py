@@ -10,6 +10,7 @@ import yaml
 
 from deploy.errors import SpecError
 from deploy.spec.load import default_spec_text, load_cluster_spec, parse_cluster_spec
+from deploy.spec.model import ClusterSpec
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -31,7 +32,7 @@ def minimal() -> dict[str, Any]:
     }
 
 
-def parse(data: dict[str, Any], base: Path = Path("/base")) -> Any:
+def parse(data: dict[str, Any], base: Path = Path("/base")) -> ClusterSpec:
     return parse_cluster_spec(data, base_dir=base, source="spec.yaml")
 
 
@@ -93,6 +94,7 @@ def test_local_python_defaults_to_this_interpreter_ssh_to_python3() -> None:
     spec = parse(data)
     assert spec.host("local").python == sys.executable
     gpu = spec.host("gpu")
+    assert gpu.ssh is not None
     assert (gpu.python, gpu.state_dir, gpu.ssh.user, gpu.ssh.port) == (
         "python3",
         "~/.local/state/llm-deploy/c1",

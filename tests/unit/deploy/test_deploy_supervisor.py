@@ -58,7 +58,7 @@ def test_reload_adds_new_drops_removed_and_recreates_changed_groups() -> None:
             return {"results": [{"ok": [[["new"], ["changed"], ["gone"]]]}]}
         return answer(op)
 
-    host.answer = reload_answer  # type: ignore[method-assign]
+    host.answer = reload_answer
     supervisor(host).reload(grace=5)
     assert host.rpc_calls == [
         ["supervisor.reloadConfig"],
