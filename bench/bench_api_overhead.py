@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from bench.aio import LoopRunner
 from bench.measure import (
     interleaved,
     median,
@@ -87,7 +88,7 @@ class Paths:
         return str(data["choices"][0]["message"]["content"] if path == "api" else data["text"]).strip()
 
 
-def _fan_out(stack: Stack, runner: asyncio.Runner, rounds: int) -> list[list[str]]:
+def _fan_out(stack: Stack, runner: LoopRunner, rounds: int) -> list[list[str]]:
     """Each hop of the API server's per request fan-out, with a new session per call and pooled."""
     import aiohttp
 
@@ -140,7 +141,7 @@ async def _interleave_async(
     return tuple(out[name] for name in names)
 
 
-def _concurrent(paths: Paths, runner: asyncio.Runner) -> dict[str, list[float]]:
+def _concurrent(paths: Paths, runner: LoopRunner) -> dict[str, list[float]]:
     """Requests per second of each path, in alternating batches of BATCH, CONCURRENCY in flight."""
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
     client = httpx.AsyncClient(headers=paths.headers, timeout=300, limits=limits)
@@ -157,9 +158,12 @@ def _concurrent(paths: Paths, runner: asyncio.Runner) -> dict[str, list[float]]:
 
         return list(await asyncio.gather(*(one(k) for k in range(BATCH))))
 
+    def batches_of(path: str) -> Callable[[int], list[str]]:
+        return lambda index: runner.run(batch(path, index))
+
     try:
         timings = interleaved(
-            {path: lambda index, path=path: runner.run(batch(path, index)) for path in ("api", "direct")},
+            {path: batches_of(path) for path in ("api", "direct")},
             rounds=scaled(3, minimum=2),
             warmup=1,
         )
@@ -172,7 +176,7 @@ def main() -> None:
     """Run benchmark 7 and print its tables and ratios."""
     started = time.perf_counter()
     print("# Benchmark 7: API server overhead vs the worker's own /worker_generate", flush=True)
-    with fastchat_stack() as stack, asyncio.Runner() as runner:
+    with fastchat_stack() as stack, LoopRunner() as runner:
         print(f"stack up in {time.perf_counter() - started:.1f}s", flush=True)
         conv = httpx.post(f"{stack.worker_url}/worker_get_conv_template", json={}, timeout=10).json()["conv"]
         paths = Paths(stack, conv)

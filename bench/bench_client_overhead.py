@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from bench.aio import LoopRunner
 from bench.measure import (
     Timing,
     interleaved,
@@ -103,7 +104,7 @@ def _chat_row(scenario: str, timings: dict[str, Timing]) -> tuple[list[str], flo
 def _chat_scenarios(
     stack: Stack, raw_chat: Callable[[int, str], str]
 ) -> tuple[list[list[str]], float, float]:
-    scenarios = [
+    scenarios: list[tuple[str, dict[str, Any], int]] = [
         ("as `llm-deploy up` configures it (conv_template set)", {"conv_template": stack.conv_template}, 40),
         ("check_context: false (the wrapper alone)", {"check_context": False}, 40),
         ("class default (no conv_template)", {}, 12),
@@ -135,7 +136,7 @@ def _chat_scenarios(
 def _batches(stack: Stack, openai: Any) -> tuple[list[list[str]], float]:
     backend = _backend(stack, conv_template=stack.conv_template)
     size = 2 * CONCURRENCY
-    runner = asyncio.Runner()
+    runner = LoopRunner()
     raw_async = openai.AsyncOpenAI(api_key=stack.api_key, base_url=stack.base_url, max_retries=0, timeout=60)
 
     async def raw_batch(conversations: Sequence[Any]) -> list[str]:

@@ -100,7 +100,7 @@ def up_command(spec: Path | None, output_dir: Path, no_client_config: bool) -> N
     if result.left_out:
         verb = f"is up DEGRADED ({len(result.left_out)} host(s) left out)"
     console.print(
-        f"cluster {cluster.name} {verb} in {time.monotonic() - start:.1f}s: {result.server_ip}",
+        f"cluster {cluster.name} {verb} in {time.monotonic() - start:.1f}s: {result.base_url}",
         soft_wrap=True,
     )
     if result.client_config is not None:

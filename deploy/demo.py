@@ -37,7 +37,7 @@ def main() -> int:
             console.print(line, markup=False)
         console.print(f"[red]✗ {str(exc).splitlines()[0]}[/red]")
         return 1
-    console.print(f"   serving {', '.join(m.name for m in result.models)} at {result.server_ip}")
+    console.print(f"   serving {', '.join(m.name for m in result.models)} at {result.base_url}")
 
     model = result.models[0].name
     console.print(

@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = ready.up.client_config
     answer = {
         "changed": bool(client and client.changed),
-        "server_ip": ready.up.server_ip,
+        "server_ip": ready.up.base_url,
         "models": [m.name for m in ready.up.models],
         "written": [str(p) for p in client.changed] if client else [],
     }

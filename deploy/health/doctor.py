@@ -32,6 +32,8 @@ from deploy.health.doctor_rules import (
     facts_request,
     gpu_claim_checks,
     judge_host,
+    reach_pairs,
+    reachability_checks,
 )
 from deploy.hosts.agent import HostAgent
 from deploy.hosts.connector import Connector
@@ -163,22 +165,13 @@ def _probe_host(spec: ClusterSpec, name: str, connector: Connector, components: 
     return HostProbe(name, tuple(checks), free, home=host.home)
 
 
-def _reach_pairs(spec: ClusterSpec, components: list[Component]) -> list[tuple[str, Component]]:
-    """(source host, target component): workers' hosts -> controller, head -> each worker."""
-    controller = next(c for c in components if c.role == "controller")
-    workers = [c for c in components if c.role == "worker"]
-    pairs = [(h, controller) for h in dict.fromkeys(w.host for w in workers) if h != controller.host]
-    pairs += [(controller.host, w) for w in workers if w.host != controller.host]
-    return pairs
-
-
 def _reachability(
     spec: ClusterSpec,
     agents: Mapping[str, HostAgent],
     probes: Mapping[str, HostProbe],
     components: list[Component],
 ) -> list[Check]:
-    pairs = [(src, c) for src, c in _reach_pairs(spec, components) if src in agents and c.host in agents]
+    pairs = [(src, c) for src, c in reach_pairs(components) if src in agents and c.host in agents]
     if not pairs:
         return []
     # Targets nobody listens on yet get a stand-in listener on their bind address and port.
@@ -223,27 +216,7 @@ def _reachability(
             answers = getattr(exc, "results", {})
         for listener in listeners:
             listener.exception()  # wait; a failed stand-in shows as an unreachable target below
-    checks = []
-    for src, targets in sources.items():
-        outcome = answers.get(src)
-        for i, c in enumerate(targets):
-            what = f"reaches {c.name}"
-            where = f"{c.address}:{c.port}"
-            if isinstance(outcome, list) and outcome[i]["ok"]:
-                checks.append(Check(src, what, "ok", f"{where} ({src} -> {c.host})"))
-                continue
-            why = outcome[i]["error"] if isinstance(outcome, list) else str(outcome)
-            checks.append(
-                Check(
-                    src,
-                    what,
-                    "fail",
-                    f"{src} -> {c.host} {where}: {why}",
-                    f"allow TCP {c.port} from {spec.host(src).address} to {c.host} in its firewall, and "
-                    f"check that hosts.{c.host}.address ({c.address}) is {c.host}'s address as {src} sees it",
-                )
-            )
-    return checks
+    return reachability_checks(spec, sources, answers)
 
 
 def run_doctor(spec: ClusterSpec, connectors: Mapping[str, Connector]) -> DoctorReport:

@@ -2,8 +2,9 @@
 
 :func:`facts_request` says what to ask a host (one ``facts`` host-agent operation);
 :func:`judge_host` turns the answer into :class:`Check` rows, each failed one with one
-concrete fix. Cross-host checks (reachability, clocks) are judged in :mod:`deploy.health.doctor`
-from the probes it runs; the spec-only ones (GPU claims, public binds) are here.
+concrete fix. Cross-host checks are judged here too (:func:`reachability_checks`,
+:func:`clock_check`) from the probes :mod:`deploy.health.doctor` runs, and so are the spec-only
+ones (GPU claims, public binds).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ __all__ = [
     "gpu_claim_checks",
     "judge_host",
     "needs_gpus",
+    "reach_pairs",
+    "reachability_checks",
 ]
 
 FSCHAT_VERSION = "0.2.36"
@@ -327,3 +330,39 @@ def clock_check(host: str, remote: float, before: float, after: float) -> Check:
             f"enable time sync (chrony or systemd-timesyncd) on {host}",
         )
     return _ok(host, "clock", f"{skew:+.1f}s from this machine")
+
+
+def reach_pairs(components: Sequence[Component]) -> list[tuple[str, Component]]:
+    """(source host, target component): workers' hosts -> controller, head -> each worker."""
+    controller = next(c for c in components if c.role == "controller")
+    workers = [c for c in components if c.role == "worker"]
+    pairs = [(h, controller) for h in dict.fromkeys(w.host for w in workers) if h != controller.host]
+    pairs += [(controller.host, w) for w in workers if w.host != controller.host]
+    return pairs
+
+
+def reachability_checks(
+    spec: ClusterSpec, sources: Mapping[str, Sequence[Component]], answers: Mapping[str, object]
+) -> list[Check]:
+    """One row per (source host, target): the ``connect`` answers, or why the source failed."""
+    checks = []
+    for src, targets in sources.items():
+        outcome = answers.get(src)
+        for i, c in enumerate(targets):
+            what = f"reaches {c.name}"
+            where = f"{c.address}:{c.port}"
+            if isinstance(outcome, list) and outcome[i]["ok"]:
+                checks.append(Check(src, what, "ok", f"{where} ({src} -> {c.host})"))
+                continue
+            why = outcome[i]["error"] if isinstance(outcome, list) else str(outcome)
+            checks.append(
+                Check(
+                    src,
+                    what,
+                    "fail",
+                    f"{src} -> {c.host} {where}: {why}",
+                    f"allow TCP {c.port} from {spec.host(src).address} to {c.host} in its firewall, and "
+                    f"check that hosts.{c.host}.address ({c.address}) is {c.host}'s address as {src} sees it",
+                )
+            )
+    return checks

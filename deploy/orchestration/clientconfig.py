@@ -108,7 +108,7 @@ def set_top_level_keys(
 
 
 def render_fschat_yaml(
-    existing: str | None, *, server_ip: str, env_var: str | None, default: ServedModel
+    existing: str | None, *, base_url: str, env_var: str | None, default: ServedModel
 ) -> str:
     """``configs/llm/fschat.yaml``: a new file, or ``existing`` with the server keys updated."""
     if existing is None:
@@ -121,7 +121,7 @@ def render_fschat_yaml(
         "_partial_": True,
         "model_id": default.name,
         "context_length": default.context_length,
-        "server_ip": server_ip,
+        "server_ip": base_url,
         "api_key": None,
         "api_key_env": env_var or "FASTCHAT_API_KEY",
     }
@@ -193,7 +193,7 @@ def write_client_config(
     output_dir: Path,
     *,
     cluster: str,
-    server_ip: str,
+    base_url: str,
     models: Sequence[ServedModel],
     api_key: str | None,
     env_var: str | None,
@@ -210,7 +210,7 @@ def write_client_config(
     fschat = llm_dir / "fschat.yaml"
     old = fschat.read_text(encoding="utf-8") if fschat.exists() else None
     targets[fschat] = (
-        render_fschat_yaml(old, server_ip=server_ip, env_var=env_var, default=models[0]),
+        render_fschat_yaml(old, base_url=base_url, env_var=env_var, default=models[0]),
         0o644,
     )
     for model in models:

@@ -49,7 +49,7 @@ class UpResult:
     """What ``up`` did."""
 
     plan: Plan
-    server_ip: str
+    base_url: str  # written to the client config as `server_ip`, the key agents know
     client_config: ClientConfig | None
     models: tuple[ServedModel, ...]
     left_out: tuple[str, ...] = ()  # hosts left out of a degraded start (require_all_replicas: false)
@@ -305,7 +305,7 @@ def run_up(
             client = write_client_config(
                 output_dir,
                 cluster=spec.name,
-                server_ip=spec.api_server.base_url,
+                base_url=spec.api_server.base_url,
                 models=models,
                 api_key=key,
                 env_var=spec.api_server.key_env_var if key else None,

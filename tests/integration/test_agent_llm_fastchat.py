@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import openai
 import pytest
@@ -21,7 +21,9 @@ from agent_llm.models import FastChatAPILanguageBackend, FastChatLanguageBackend
 from agent_llm.models.fastchat import render_conversation
 
 if TYPE_CHECKING:
-    from tests.integration.conftest import FastChatStack
+    from openai.types.chat import ChatCompletionMessageParam
+
+    from devtools.devstack import Stack as FastChatStack
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONV = "qwen-7b-chat"
@@ -60,7 +62,10 @@ def raw_client(stack: FastChatStack) -> openai.OpenAI:
 
 def server_prompt_tokens(stack: FastChatStack, messages: list[dict[str, str]]) -> int:
     reply = raw_client(stack).chat.completions.create(
-        model=stack.model_name, messages=messages, max_tokens=1, temperature=0
+        model=stack.model_name,
+        messages=cast("list[ChatCompletionMessageParam]", messages),
+        max_tokens=1,
+        temperature=0,
     )
     assert reply.usage is not None
     return reply.usage.prompt_tokens
@@ -178,7 +183,12 @@ def test_a_prompt_far_from_the_limit_is_not_sent_to_be_counted(
         assert server_prompt_tokens(fastchat_stack, messages) <= len(rendered.encode()) + 8
     llm.count_tokens(MESSAGES)  # checks the template once
     counted: list[str] = []
-    monkeypatch.setattr(llm, "_token_check", lambda prompt: counted.append(prompt) or 0)
+
+    def token_check(prompt: str) -> int:
+        counted.append(prompt)
+        return 0
+
+    monkeypatch.setattr(llm, "_token_check", token_check)
     llm.chat_completion([{"role": "user", "content": "A new question, never counted before?"}])
     assert counted == []
 

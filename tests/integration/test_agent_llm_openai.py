@@ -23,7 +23,7 @@ from agent_llm.errors import (
 from agent_llm.models import OpenAIAPILanguageBackend, OpenAILanguageBackend
 
 if TYPE_CHECKING:
-    from tests.integration.conftest import FastChatStack
+    from devtools.devstack import Stack as FastChatStack
 
 MESSAGES = [{"role": "user", "content": "You see a door to the north. What do you do?"}]
 OPTIONS = ["go north", "go south", "wait"]

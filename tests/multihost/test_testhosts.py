@@ -129,7 +129,9 @@ def test_failed_up_removes_what_it_made(tmp_path: Path, monkeypatch: pytest.Monk
 
     def failing_run(argv: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
         if argv[0] == "ssh-keygen":
-            made.append(testhosts._load_state(tmp_path.resolve())["run_id"])
+            state = testhosts._load_state(tmp_path.resolve())
+            assert state is not None
+            made.append(state["run_id"])
             raise testhosts.TestHostsError("injected failure")
         return real_run(argv, check=check)
 

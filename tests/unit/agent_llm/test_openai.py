@@ -14,6 +14,7 @@ import pytest
 
 from agent_llm.errors import (
     AuthenticationError,
+    BackendError,
     BadRequestError,
     ConfigurationError,
     ContextLengthExceededError,
@@ -122,7 +123,9 @@ def test_openai_overflow_becomes_context_length_exceeded() -> None:
         ),
     ],
 )
-def test_permanent_errors_translate_and_are_not_retried(status: int, body: object, kind: type) -> None:
+def test_permanent_errors_translate_and_are_not_retried(
+    status: int, body: object, kind: type[BackendError]
+) -> None:
     exc = status_error(status, body)
     error = backend()._translate(exc, "chat completion", 1)
     assert isinstance(error, kind) and error.status_code == status

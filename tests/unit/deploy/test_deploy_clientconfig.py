@@ -32,7 +32,7 @@ TINY = ServedModel("tiny", 2048, "qwen-7b-chat")
 
 def test_existing_keys_and_comments_are_kept_and_the_server_keys_set() -> None:
     text = render_fschat_yaml(
-        EXISTING, server_ip="http://127.0.0.1:8000/v1", env_var="FASTCHAT_API_KEY", default=TINY
+        EXISTING, base_url="http://127.0.0.1:8000/v1", env_var="FASTCHAT_API_KEY", default=TINY
     )
     assert "# FastChat backend. Comments stay." in text
     assert "_target_: my.Custom   # a custom target stays" in text
@@ -45,7 +45,7 @@ def test_existing_keys_and_comments_are_kept_and_the_server_keys_set() -> None:
 
 
 def test_a_new_fschat_yaml_has_every_contract_key() -> None:
-    data = yaml.safe_load(render_fschat_yaml(None, server_ip="http://h:1/v1", env_var=None, default=TINY))
+    data = yaml.safe_load(render_fschat_yaml(None, base_url="http://h:1/v1", env_var=None, default=TINY))
     assert data == {
         "_target_": "agent_llm.models.FastChatLanguageBackend",
         "_partial_": True,
@@ -80,7 +80,7 @@ def write(out: Path, verify: object = None) -> object:
     return write_client_config(
         out,
         cluster="c",
-        server_ip="http://127.0.0.1:9/v1",
+        base_url="http://127.0.0.1:9/v1",
         models=[TINY],
         api_key="k3y",
         env_var="FASTCHAT_API_KEY",
@@ -117,7 +117,7 @@ def test_a_failed_verification_leaves_the_previous_files_untouched(tmp_path: Pat
         write_client_config(
             tmp_path,
             cluster="c",
-            server_ip="http://elsewhere:1/v1",
+            base_url="http://elsewhere:1/v1",
             models=[TINY],
             api_key="other",
             env_var="FASTCHAT_API_KEY",

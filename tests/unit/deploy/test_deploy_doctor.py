@@ -23,6 +23,8 @@ from deploy.health.doctor_rules import (
     facts_request,
     gpu_claim_checks,
     judge_host,
+    reach_pairs,
+    reachability_checks,
 )
 from deploy.hosts.observed import ObservedState
 from deploy.orchestration.admission import admit, without_hosts
@@ -325,3 +327,32 @@ def test_workers_bind_the_host_address_unless_the_spec_says_otherwise() -> None:
     assert worker.url == "http://10.0.0.11:31020"  # still advertises the address others reach
     [warning] = bind_checks(build_components(wide))
     assert (warning.host, warning.status) == ("g1", "warn")
+
+
+def test_reachability_pairs_and_their_judgement() -> None:
+    """Worker hosts must reach the controller and the head each worker; a failure names the fix."""
+    spec = make_spec()
+    components = build_components(spec)
+    pairs = reach_pairs(components)
+    assert sorted((src, c.name) for src, c in pairs) == [
+        ("g1", "controller"),
+        ("g2", "controller"),
+        ("head", "worker-m-0"),
+        ("head", "worker-m-1"),
+    ]
+    sources: dict[str, list[Component]] = {}
+    for src, c in pairs:
+        sources.setdefault(src, []).append(c)
+    answers = {
+        "g1": [{"ok": True, "error": ""}],
+        "g2": ConnectionFailed("g2", "ssh: connection refused"),
+        "head": [{"ok": True, "error": ""}, {"ok": False, "error": "timed out"}],
+    }
+    checks = {(c.host, c.name): c for c in reachability_checks(spec, sources, answers)}
+    assert [k for k, c in checks.items() if c.status == "ok"] == [
+        ("g1", "reaches controller"),
+        ("head", "reaches worker-m-0"),
+    ]
+    assert "connection refused" in checks[("g2", "reaches controller")].detail
+    timed_out = checks[("head", "reaches worker-m-1")]
+    assert "timed out" in timed_out.detail and "allow TCP" in timed_out.fix and "10.0.0.10" in timed_out.fix

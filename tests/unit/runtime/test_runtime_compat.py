@@ -69,7 +69,7 @@ def test_context_length_without_rope_factor(monkeypatch: pytest.MonkeyPatch) -> 
     compat.patch_context_length([importer])
 
     assert fastchat.utils.get_context_length(TRANSFORMERS5_LLAMA) == 2048
-    assert importer.get_context_length(TRANSFORMERS5_LLAMA) == 2048  # type: ignore[attr-defined]
+    assert importer.get_context_length(TRANSFORMERS5_LLAMA) == 2048
 
 
 @pytest.mark.parametrize(

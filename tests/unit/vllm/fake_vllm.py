@@ -120,6 +120,7 @@ class FakeVllm:
             card = {"id": MODEL, "object": "model", "max_model_len": self.context_length}
             return httpx.Response(200, json={"object": "list", "data": [card]})
         if path == "/tokenize":
+            assert body is not None, f"{path} needs a json body"
             if body.get("model") not in (None, MODEL):
                 return vllm_error(404, f"The model `{body.get('model')}` does not exist.")
             count = len(body["prompt"].split()) + 1  # the fake's tokens: words, plus BOS
@@ -127,6 +128,7 @@ class FakeVllm:
                 200, json={"count": count, "max_model_len": self.context_length, "tokens": []}
             )
         if path == "/v1/completions":
+            assert body is not None, f"{path} needs a json body"
             if body.get("stream"):
                 return httpx.Response(200, content=sse(self.stream_events))
             return httpx.Response(200, json=self.completion)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import httpx
@@ -54,6 +54,11 @@ def run(fake: FakeVllm, call: Callable[[BridgeWorker, httpx.AsyncClient], Awaita
     return asyncio.run(main())
 
 
+def state_of(worker: BridgeWorker) -> str:
+    """The worker's state, read afresh: mypy keeps an attribute's narrowed type across an await."""
+    return worker.state
+
+
 def stream_objects(raw: bytes) -> list[dict[str, Any]]:
     return [json.loads(part) for part in raw.split(b"\0") if part]
 
@@ -71,7 +76,7 @@ def test_not_ready_until_vllm_answers_and_generates() -> None:
         assert answer["error_code"] == 50001 and "starting" in answer["text"]
         fake.down = False
         await worker.tick()
-        assert worker.state == "ready" and worker.served_model == MODEL
+        assert state_of(worker) == "ready" and worker.served_model == MODEL
         assert (await client.get("/health")).status_code == 200
         assert (await client.post("/worker_get_status")).json() == {
             "model_names": ["llama"],
@@ -165,7 +170,7 @@ def test_queue_length_counts_requests_in_the_bridge() -> None:
         running: list[int] = []
         two_running = asyncio.Event()
 
-        async def slow_complete(_body: Any) -> dict[str, Any]:
+        async def slow_complete(body: Mapping[str, Any]) -> dict[str, Any]:
             running.append(1)
             if len(running) == 2:
                 two_running.set()

@@ -25,6 +25,7 @@ from deploy.render.vllm import (
     vllm_serve_command,
 )
 from deploy.runtime.vllm_bridge.cli import build_parser
+from deploy.spec.model import EngineValue
 
 PY = "/opt/venv/bin/python"
 
@@ -70,7 +71,7 @@ def test_the_record_says_what_and_how() -> None:
 
 
 def test_typical_replica() -> None:
-    engine = {
+    engine: dict[str, EngineValue] = {
         "dtype": "bfloat16",
         "max_model_len": 8192,
         "gpu_memory_utilization": 0.85,
