@@ -20,8 +20,9 @@ Operations, each printing one JSON object (``changed`` tells Ansible whether any
   printed.
 - ``supervisord``: start this cluster's supervisord on the host unless it answers.
 - ``reload``: make supervisord re-read its config (changed programs are recreated, stopped).
-- ``start --program NAME ...``: start the programs that are not running, wait until each one's
-  port answers; a program that exits is reported with its log tail.
+- ``start --program NAME ...``: start the programs that are not running and wait until each one
+  climbs ``up``'s readiness ladder (alive, port answers, workers registered with the controller);
+  a program that exits is reported with its log tail.
 """
 
 from __future__ import annotations
@@ -30,18 +31,17 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from deploy.errors import ComponentFailed, DeployError
+from deploy.errors import DeployError
+from deploy.health.ladder import Ladder
 from deploy.hosts.agent import HostAgent
 from deploy.hosts.connector import LocalConnector
 from deploy.hosts.observed import RUNNING_STATES
 from deploy.hosts.supervisor import Supervisor
-from deploy.polling import DeadlineExceeded, poll_until
 from deploy.render.components import Component, build_components, host_paths
 from deploy.render.supervisord import host_config, state_files
 from deploy.security.keystore import KeyStore
@@ -50,9 +50,6 @@ from deploy.spec.model import ClusterSpec
 from deploy.spec.nodes import Node
 
 __all__ = ["cluster_from_document", "main", "render_host"]
-
-FAILED_STATES = ("EXITED", "FATAL", "BACKOFF")
-HINT = "llm-deploy logs COMPONENT SPEC shows its whole log; llm-deploy status SPEC the whole cluster"
 
 
 def cluster_from_document(document: Mapping[str, Any], host: str) -> ClusterSpec:
@@ -132,17 +129,8 @@ def reload_supervisord(spec: ClusterSpec, host: str) -> dict[str, Any]:
     return {"changed": True}
 
 
-def _port_answers(c: Component) -> bool:
-    address = c.address if c.bind in ("0.0.0.0", "::", "") else c.bind
-    try:
-        with socket.create_connection((address, c.port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 def start_programs(spec: ClusterSpec, host: str, names: Sequence[str]) -> dict[str, Any]:
-    """Start the named programs that are not running; wait until each one's port answers."""
+    """Start the named programs that are not running; wait until each one is ready."""
     supervisor = _supervisor(spec, host)
     by_name = {c.name: c for c in _components(spec, host) if c.host == host}
     unknown = [n for n in names if n not in by_name]
@@ -157,29 +145,10 @@ def start_programs(spec: ClusterSpec, host: str, names: Sequence[str]) -> dict[s
         if program is None or program.state not in RUNNING_STATES:
             supervisor.start_program(name)
             started.append(name)
-    t = spec.timeouts
-    for name in started:
-        component = by_name[name]
-        seconds = t.start if component.role in ("controller", "api_server") else t.load + t.register
-
-        def ready(component: Component = component) -> bool | None:
-            program = supervisor.observe().program(component.name)
-            if program is not None and program.state in FAILED_STATES:
-                raise ComponentFailed(
-                    host,
-                    component.name,
-                    f"exited while starting (supervisord state {program.state})",
-                    log_tail=supervisor.log_tail(component.name),
-                    hint=HINT,
-                )
-            return True if _port_answers(component) else None
-
-        try:
-            poll_until(ready, seconds=seconds, what=f"port {component.port} to answer")
-        except DeadlineExceeded as exc:
-            raise ComponentFailed(
-                host, name, str(exc), log_tail=supervisor.log_tail(name), hint=HINT
-            ) from exc
+    # up's own readiness ladder, run from this host: alive -> port answers -> (workers) registered.
+    components = _components(spec, host)
+    ladder = Ladder(spec, {host: supervisor}, supervisor.agent, components, api_key=None)
+    ladder.wait_components([by_name[name] for name in started])
     return {"changed": bool(started), "started": started}
 
 
