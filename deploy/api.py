@@ -68,14 +68,16 @@ def up(
         DeployError: with the phase, host and component that failed.
     """
     reporter = reporter or RecordingReporter()
-    build_components(spec)  # bad engine arguments are refused before any connection
+    # Derived once: bad engine arguments are refused before any connection; doctor and admission
+    # judge these (the planner derives its own, with the key store's digest and admitted hosts).
+    components = build_components(spec)
     with cluster_lock(spec.name, action="up"), ExitStack() as stack:
         # One connector per host for the whole command: doctor's connections are reused by up.
         opened = stack.enter_context(open_connectors(spec, connectors))
         with reporter.phase("doctor") as phase:
-            report = run_doctor(spec, opened)
+            report = run_doctor(spec, opened, components)
             phase.detail = report.summary()
-            admission = admit(spec, report)
+            admission = admit(spec, report, components)
         for check in report.checks:
             if check.status != "ok":
                 reporter.note(f"  {check.mark} {check.host} {check.name}: {check.detail}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -219,14 +219,19 @@ def _reachability(
     return reachability_checks(spec, sources, answers)
 
 
-def run_doctor(spec: ClusterSpec, connectors: Mapping[str, Connector]) -> DoctorReport:
+def run_doctor(
+    spec: ClusterSpec,
+    connectors: Mapping[str, Connector],
+    components: Sequence[Component] | None = None,
+) -> DoctorReport:
     """Run every check; never raises for a host problem (it becomes a ✗ row).
 
     Args:
         spec: The cluster spec.
         connectors: One connector per host (see :func:`open_connectors`).
+        components: ``build_components(spec)``, when the caller has it already.
     """
-    components = build_components(spec)
+    components = list(components) if components is not None else build_components(spec)
 
     def probe(name: str) -> HostProbe:
         return _probe_host(spec, name, connectors[name], components)
