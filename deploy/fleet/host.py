@@ -101,10 +101,6 @@ def render_host(spec: ClusterSpec, host: str) -> dict[str, Any]:
     }
 
 
-def _supervisor(spec: ClusterSpec, host: str) -> Supervisor:
-    return Supervisor(HostAgent(LocalConnector(host), sys.executable), host_paths(spec.host(host)))
-
-
 def ensure_api_key(spec: ClusterSpec, host: str) -> dict[str, Any]:
     """Create the key store (a new ``default`` key, as ``up`` does) when the API host has none."""
     if host != spec.api_server.host or not spec.api_server.key_enabled or _key_store(spec):
@@ -114,24 +110,24 @@ def ensure_api_key(spec: ClusterSpec, host: str) -> dict[str, Any]:
     return {"changed": True}
 
 
-def ensure_supervisord(spec: ClusterSpec, host: str) -> dict[str, Any]:
+def ensure_supervisord(supervisor: Supervisor) -> dict[str, Any]:
     """Start the host's supervisord for this cluster unless it already answers."""
-    supervisor = _supervisor(spec, host)
     if supervisor.observe().supervisor_running:
         return {"changed": False}
     supervisor.start()
     return {"changed": True}
 
 
-def reload_supervisord(spec: ClusterSpec, host: str) -> dict[str, Any]:
+def reload_supervisord(spec: ClusterSpec, supervisor: Supervisor) -> dict[str, Any]:
     """Make the running supervisord apply its rewritten config."""
-    _supervisor(spec, host).reload(grace=float(spec.supervision.stop_grace))
+    supervisor.reload(grace=float(spec.supervision.stop_grace))
     return {"changed": True}
 
 
-def start_programs(spec: ClusterSpec, host: str, names: Sequence[str]) -> dict[str, Any]:
+def start_programs(
+    spec: ClusterSpec, host: str, supervisor: Supervisor, names: Sequence[str]
+) -> dict[str, Any]:
     """Start the named programs that are not running; wait until each one is ready."""
-    supervisor = _supervisor(spec, host)
     by_name = {c.name: c for c in _components(spec, host) if c.host == host}
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -159,21 +155,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", required=True, help="this host's name in the cluster spec")
     parser.add_argument("--program", action="append", default=[], help="a program to start (repeatable)")
     args = parser.parse_args(argv)
+    # Closed before exit, so the host agent it keeps open is gone when the task reports.
+    connector = LocalConnector(args.host)
     try:
         spec = cluster_from_document(json.load(sys.stdin), args.host)
+        supervisor = Supervisor(HostAgent(connector, sys.executable), host_paths(spec.host(args.host)))
         if args.op == "render":
             answer = render_host(spec, args.host)
         elif args.op == "api-key":
             answer = ensure_api_key(spec, args.host)
         elif args.op == "supervisord":
-            answer = ensure_supervisord(spec, args.host)
+            answer = ensure_supervisord(supervisor)
         elif args.op == "reload":
-            answer = reload_supervisord(spec, args.host)
+            answer = reload_supervisord(spec, supervisor)
         else:
-            answer = start_programs(spec, args.host, args.program)
+            answer = start_programs(spec, args.host, supervisor, args.program)
     except DeployError as exc:
         print(json.dumps({"failed": True, "msg": "\n".join([str(exc), *exc.details()])}))
         return 1
+    finally:
+        connector.close()
     print(json.dumps(answer))
     return 0
 

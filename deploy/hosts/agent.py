@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from deploy.errors import ConnectorError
+from deploy.errors import CommandTimeout, ConnectorError
 from deploy.hosts.connector import Connector
 
 __all__ = ["HostAgent", "HttpAnswer", "http_op"]
@@ -97,10 +97,20 @@ class HostAgent:
         """
         if not ops:
             return []
+        request = json.dumps({"ops": list(ops)}).encode()
+        stream = self.connector.stream([self.python, "-m", "deploy.runtime.hostagent", "--serve"])
+        if stream is not None and stream.lock.acquire(blocking=False):
+            try:
+                if not stream.broken:
+                    return self._answers(stream.exchange(request, timeout=timeout), len(ops))
+            except ConnectorError as exc:
+                if isinstance(exc, CommandTimeout):
+                    raise
+                # The agent died (or never started): a one-shot run below says why, or works.
+            finally:
+                stream.lock.release()
         result = self.connector.run(
-            [self.python, "-m", "deploy.runtime.hostagent"],
-            stdin=json.dumps({"ops": list(ops)}).encode(),
-            timeout=timeout,
+            [self.python, "-m", "deploy.runtime.hostagent"], stdin=request, timeout=timeout
         )
         if not result.ok:
             raise ConnectorError(
@@ -110,11 +120,16 @@ class HostAgent:
                 hint=f"check hosts.{self.host}.python: it must be the host's runtime python, with "
                 "agent-llm[serve] and supervisor installed",
             )
+        return self._answers(result.stdout.encode(), len(ops))
+
+    def _answers(self, raw: bytes, count: int) -> list[dict[str, Any]]:
         try:
-            answers = json.loads(result.stdout)
+            answers = json.loads(raw)
         except ValueError as exc:
-            raise ConnectorError(self.host, f"unreadable host agent answer: {result.stdout[:200]!r}") from exc
-        if not isinstance(answers, list) or len(answers) != len(ops):
+            raise ConnectorError(self.host, f"unreadable host agent answer: {raw[:200]!r}") from exc
+        if isinstance(answers, dict) and "agent_error" in answers:
+            raise ConnectorError(self.host, f"the host agent failed: {answers['agent_error']}")
+        if not isinstance(answers, list) or len(answers) != count:
             raise ConnectorError(self.host, "host agent answered the wrong number of results")
         return answers
 

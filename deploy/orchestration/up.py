@@ -293,7 +293,10 @@ def run_up(
             ladder.wait_components(others)
             phase.detail = f"{', '.join(c.name for c in started)} started, {len(others)} ready"
     with reporter.phase("health") as phase:
-        ladder.wait_components(plan.components)
+        if plan:
+            ladder.wait_components(plan.components)
+        # else everything ran with this spec a moment ago (the plan saw it): one completion per
+        # model through the API server proves the whole path, without probing each worker.
         ladder.wait_models([m.name for m in spec.models])
         cert_pem = api_certificate(hosts)
         check_api_from_here(spec.api_server.base_url, cert_pem)

@@ -1,9 +1,12 @@
 """The host side of ``llm-deploy``: small questions and actions, run with the host's python.
 
-``python -m deploy.runtime.hostagent`` reads ``{"ops": [...]}`` (JSON) on stdin, runs each operation and
-prints one JSON list with a result per operation. Batching keeps one round trip per host per
-poll, which matters over SSH. Requests (including the API key of a probe) travel on stdin, so
-nothing secret shows in ``ps``.
+``python -m deploy.runtime.hostagent`` reads ``{"ops": [...]}`` (JSON) on stdin, runs each
+operation and prints one JSON list with a result per operation. With ``--serve`` it stays up and
+answers one such request per line until end-of-file: ``llm-deploy`` keeps one agent per host
+for a whole command (:meth:`deploy.hosts.connector.Connector.stream`), so a poll costs one round
+trip, not a Python start. Batching keeps one round trip per host per poll, which matters over
+SSH. Requests (including the API key of a probe) travel on stdin, so nothing secret shows in
+``ps``.
 
 Standard library only (plus supervisor's XML-RPC transport for ``rpc``): this runs on every
 host, inside the runtime environment, many times per ``up``.
@@ -331,14 +334,35 @@ def op_connect(req: dict[str, Any]) -> dict[str, Any]:
 OPS = {name[3:]: fn for name, fn in globals().items() if name.startswith("op_")}
 
 
-def main() -> None:
-    """Answer the operations read on stdin with one JSON list on stdout."""
-    request = json.load(sys.stdin)
+def answer(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """One result per operation of ``request`` (``{"ops": [...]}``)."""
     results = []
     for op in request["ops"]:
         handler = OPS.get(op.get("op", ""))
         results.append(handler(op) if handler else {"error": f"unknown op {op.get('op')!r}"})
-    sys.stdout.write(json.dumps(results))
+    return results
+
+
+def serve() -> None:
+    """``--serve``: answer one request per stdin line with one JSON line, until end-of-file.
+
+    A request that fails answers ``{"agent_error": "..."}`` and the agent keeps serving.
+    """
+    for line in iter(sys.stdin.buffer.readline, b""):
+        try:
+            reply: object = answer(json.loads(line))
+        except Exception as exc:  # one bad request must not end the session
+            reply = {"agent_error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+def main() -> None:
+    """Answer the operations read on stdin with one JSON list on stdout (``--serve``: many)."""
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+        return
+    sys.stdout.write(json.dumps(answer(json.load(sys.stdin))))
 
 
 if __name__ == "__main__":
