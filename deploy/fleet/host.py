@@ -96,7 +96,7 @@ class _Capture(Connector):
         stdin: bytes | None = None,
     ) -> CommandResult:
         ops = json.loads(stdin or b"{}").get("ops", [])
-        self.dirs += [op["path"] for op in ops if op.get("op") == "mkdir"]
+        self.dirs += [op["path"] for op in ops if op.get("op") in ("mkdir", "state_dir")]
         return CommandResult(self.host, " ".join(argv), 0, json.dumps([{"ok": True} for _ in ops]), "")
 
     def put(self, content: bytes, path: str, *, mode: int = 0o600) -> None:

@@ -23,7 +23,7 @@ from deploy.render.supervisord import program_fingerprint
 from deploy.render.vllm.metrics import parse_metrics
 from deploy.runtime.restarter import RestartRecord
 from deploy.security.hostkeys import read_key_store
-from deploy.security.keystore import KeyStore
+from deploy.security.keystore import KeyStore, mask, mask_known
 
 __all__ = ["ClusterStatus", "ComponentStatus", "cluster_status"]
 
@@ -145,6 +145,8 @@ def cluster_status(hosts: Hosts) -> ClusterStatus:
                         reason="not in the spec (llm-deploy up stops it)",
                     )
                 )
+    # Reasons quote log lines, and a log may hold a key a client sent (in a query, a body...).
+    rows = [dataclasses.replace(r, reason=mask_known(mask(r.reason, keys.keys))) for r in rows]
     return ClusterStatus(spec.name, tuple(rows))
 
 

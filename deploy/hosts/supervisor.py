@@ -101,7 +101,7 @@ class Supervisor:
     def write_config(self, spec: ClusterSpec, config: HostConfig) -> None:
         """Write the state directory: config, the components' files and the applied record."""
         connector = self.agent.connector
-        self.agent.mkdir(self.paths.state_dir)
+        self.agent.prepare_state_dir(self.paths.state_dir)
         self.agent.mkdir(self.paths.logs)
         for component in config.components:
             for f in component.files:
