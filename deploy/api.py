@@ -178,17 +178,24 @@ def _only(spec: ClusterSpec, *names: str) -> ClusterSpec:
 def logs(spec: ClusterSpec, component: str, *, lines: int = 50, connectors: Connectors = None) -> str:
     """The last ``lines`` lines of a component's log."""
     host = _component_host(spec, component)
-    with connect(_only(spec, host, spec.api_server.host), connectors=connectors) as hosts:
-        masker = _key_masker(hosts)
+    with connect(_only(spec, host, spec.api_server.host), connectors=connectors, allow_down=True) as hosts:
+        masker = _key_masker(hosts, host)
         text = hosts.agents[host].read(host_paths(hosts.spec.host(host)).log(component), tail_lines=lines)
     if text is None:
         raise DeployError(f"{component} on {host} has no log yet (it never started)")
     return masker(text)
 
 
-def _key_masker(hosts: Hosts) -> Callable[[str], str]:
-    """Replaces every key of the cluster (the API host's store, and any this process held) by ****."""
-    keys = read_key_store(hosts).keys if hosts.spec.api_server.key_enabled else ()
+def _key_masker(hosts: Hosts, log_host: str) -> Callable[[str], str]:
+    """Replaces every key of the cluster (the API host's store, and any this process held) by ****.
+
+    Raises:
+        DeployError: ``log_host`` cannot be reached (a down API host only loses its store's keys).
+    """
+    if log_host in hosts.down:
+        raise hosts.down[log_host]
+    api = hosts.spec.api_server
+    keys = read_key_store(hosts).keys if api.key_enabled and api.host not in hosts.down else ()
     return lambda text: mask_known(mask(text, keys))
 
 
@@ -208,8 +215,8 @@ def follow_logs(
     fixed interval instead of a deadline.
     """
     host = _component_host(spec, component)
-    with connect(_only(spec, host, spec.api_server.host), connectors=connectors) as hosts:
-        masker = _key_masker(hosts)
+    with connect(_only(spec, host, spec.api_server.host), connectors=connectors, allow_down=True) as hosts:
+        masker = _key_masker(hosts, host)
         agent = hosts.agents[host]
         path = host_paths(hosts.spec.host(host)).log(component)
         first = agent.one({"op": "read", "path": path, "tail_lines": lines})

@@ -45,6 +45,7 @@ from deploy.hosts.supervisor import Supervisor
 from deploy.polling import DeadlineExceeded, poll_until
 from deploy.render.components import Component, build_components, host_paths
 from deploy.render.supervisord import host_config
+from deploy.runtime.statedir import system_location
 from deploy.security.keystore import KeyStore
 from deploy.spec.load import parse
 from deploy.spec.model import ClusterSpec
@@ -121,7 +122,16 @@ def _components(spec: ClusterSpec, host: str) -> list[Component]:
 
 
 def render_host(spec: ClusterSpec, host: str) -> dict[str, Any]:
-    """The files ``up`` writes to ``host``'s state directory, rendered by ``up``'s own code."""
+    """The files ``up`` writes to ``host``'s state directory, rendered by ``up``'s own code.
+
+    Raises:
+        DeployError: the state directory is a system location (checked here on the host, after
+            resolving links; the playbook's own tasks create and own the folder otherwise).
+    """
+    state_dir = host_paths(spec.host(host)).state_dir
+    problem = system_location(os.path.realpath(state_dir), os.path.expanduser("~"))
+    if problem is not None:
+        raise DeployError(f"{host}: {problem}", hint=f"set hosts.{host}.state_dir to a new folder of its own")
     config = host_config(spec, host, _components(spec, host))
     capture = _Capture(host)
     supervisor = Supervisor(HostAgent(capture, sys.executable), host_paths(spec.host(host)))

@@ -39,6 +39,7 @@ class Node:
         return SpecError(self.child_path(key) if key is not None else self.path, problem, source=self.source)
 
     def child_path(self, key: str | int) -> str:
+        """The yaml path of this node's child ``key`` (a list index when an int)."""
         if isinstance(key, int):
             return f"{self.path}[{key}]"
         return f"{self.path}.{key}" if self.path else key
