@@ -27,6 +27,7 @@ from deploy.orchestration.up import UpResult, run_up
 from deploy.render.components import build_components, host_paths
 from deploy.report import RecordingReporter, Reporter
 from deploy.security.hostkeys import read_key_store
+from deploy.security.keystore import mask, mask_known
 from deploy.spec.model import ClusterSpec
 
 __all__ = ["doctor", "down", "follow_logs", "logs", "plan", "status", "up", "watch"]
@@ -189,19 +190,33 @@ def _component_host(spec: ClusterSpec, component: str) -> str:
     return names[component]
 
 
-def _only(spec: ClusterSpec, host: str) -> ClusterSpec:
-    """The spec reduced to one host: reading a log reaches that host only (the others may be down)."""
-    return dataclasses.replace(spec, hosts=(spec.host(host),))
+def _only(spec: ClusterSpec, *names: str) -> ClusterSpec:
+    """The spec reduced to some hosts: reading a log reaches its host and the key store's only."""
+    return dataclasses.replace(spec, hosts=tuple(h for h in spec.hosts if h.name in names))
 
 
 def logs(spec: ClusterSpec, component: str, *, lines: int = 50, connectors: Connectors = None) -> str:
     """The last ``lines`` lines of a component's log."""
     host = _component_host(spec, component)
-    with connect(_only(spec, host), connectors=connectors) as hosts:
+    with connect(_only(spec, host, spec.api_server.host), connectors=connectors, allow_down=True) as hosts:
+        masker = _key_masker(hosts, host)
         text = hosts.agents[host].read(host_paths(hosts.spec.host(host)).log(component), tail_lines=lines)
     if text is None:
         raise DeployError(f"{component} on {host} has no log yet (it never started)")
-    return text
+    return masker(text)
+
+
+def _key_masker(hosts: Hosts, log_host: str) -> Callable[[str], str]:
+    """Replaces every key of the cluster (the API host's store, and any this process held) by ****.
+
+    Raises:
+        DeployError: ``log_host`` cannot be reached (a down API host only loses its store's keys).
+    """
+    if log_host in hosts.down:
+        raise hosts.down[log_host]
+    api = hosts.spec.api_server
+    keys = read_key_store(hosts).keys if api.key_enabled and api.host not in hosts.down else ()
+    return lambda text: mask_known(mask(text, keys))
 
 
 def follow_logs(
@@ -220,12 +235,14 @@ def follow_logs(
     fixed interval instead of a deadline.
     """
     host = _component_host(spec, component)
-    with connect(_only(spec, host), connectors=connectors) as hosts:
+    with connect(_only(spec, host, spec.api_server.host), connectors=connectors, allow_down=True) as hosts:
+        masker = _key_masker(hosts, host)
         agent = hosts.agents[host]
         path = host_paths(hosts.spec.host(host)).log(component)
         first = agent.one({"op": "read", "path": path, "tail_lines": lines})
-        write(first.get("text", "") + ("\n" if first.get("text") else ""))
+        write(masker(first.get("text", "")) + ("\n" if first.get("text") else ""))
         offset = int(first.get("size", 0))
+        pending = ""  # an unfinished last line: a key may be cut in two between reads
         while not stop():
             time.sleep(interval)
             answer = agent.one({"op": "read", "path": path, "offset": offset})
@@ -233,6 +250,8 @@ def follow_logs(
             if size < offset:  # rotated: start again from the top of the new file
                 offset = 0
                 continue
-            if answer.get("text"):
-                write(answer["text"])
+            text = pending + answer.get("text", "")
+            complete, newline, pending = text.rpartition("\n")
+            if newline:
+                write(masker(complete + newline))
             offset = int(answer.get("end", offset))

@@ -44,6 +44,7 @@ from deploy.hosts.observed import RUNNING_STATES
 from deploy.hosts.supervisor import Supervisor
 from deploy.render.components import Component, build_components, host_paths
 from deploy.render.supervisord import host_config, state_files
+from deploy.runtime.statedir import system_location
 from deploy.security.keystore import KeyStore
 from deploy.spec.load import parse
 from deploy.spec.model import ClusterSpec
@@ -90,12 +91,21 @@ def _components(spec: ClusterSpec, host: str) -> list[Component]:
 
 
 def render_host(spec: ClusterSpec, host: str) -> dict[str, Any]:
-    """The files ``up`` writes to ``host``'s state directory, rendered by ``up``'s own code."""
+    """The files ``up`` writes to ``host``'s state directory, rendered by ``up``'s own code.
+
+    Raises:
+        DeployError: the state directory is a system location (checked here on the host, after
+            resolving links; the playbook's own tasks create and own the folder otherwise).
+    """
+    state_dir = host_paths(spec.host(host)).state_dir
+    problem = system_location(os.path.realpath(state_dir), os.path.expanduser("~"))
+    if problem is not None:
+        raise DeployError(f"{host}: {problem}", hint=f"set hosts.{host}.state_dir to a new folder of its own")
     config = host_config(spec, host, _components(spec, host))
     state = state_files(spec, config)
     return {
         "changed": False,
-        "dirs": list(state.dirs),
+        "dirs": [state.state_dir, *state.dirs],
         "files": [{"path": f.path, "content": f.content, "mode": f"{f.mode:04o}"} for f in state.files],
         "programs": [c.name for c in config.components],
     }

@@ -153,6 +153,18 @@ def judge_host(
     checks.append(_ports(spec, host, components, facts["ports"], running))
     if needs_gpus(spec, name):
         checks.append(_gpus(spec, name, facts["gpus"]))
+    if facts.get("state_dir"):
+        checks.append(
+            _fail(
+                name,
+                "state dir",
+                str(facts["state_dir"]),
+                f"set hosts.{name}.state_dir to a new or empty folder of its own "
+                "(llm-deploy never takes over or chmods a folder it did not create)",
+            )
+        )
+    elif "state_dir" in facts:
+        checks.append(_ok(name, "state dir", host.state_dir))
     free = int(facts["disk_free"])
     if free >= MIN_DISK_FREE:
         checks.append(_ok(name, "disk", f"{free / 2**30:.1f} GiB free for {host.state_dir}"))

@@ -149,6 +149,16 @@ class HostAgent:
         answer = self.one(op)
         return answer["text"] if answer.get("exists") else None
 
+    def prepare_state_dir(self, path: str) -> None:
+        """Create or adopt the state directory (refused: a system location, a folder not ours)."""
+        answer = self.one({"op": "state_dir", "path": path})
+        if not answer.get("ok"):
+            raise ConnectorError(
+                self.host,
+                answer.get("error", f"cannot create {path}"),
+                hint=f"set hosts.{self.host}.state_dir to a new folder of its own (doctor checks it)",
+            )
+
     def mkdir(self, path: str, mode: int = 0o700) -> None:
         """Create ``path`` (and parents) with ``mode``."""
         answer = self.one({"op": "mkdir", "path": path, "mode": mode})

@@ -98,7 +98,12 @@ class Supervisor:
         )
 
     def write_state(self, state: StateFiles) -> None:
-        """Write the state directory (:func:`deploy.render.supervisord.state_files`)."""
+        """Write the state directory (:func:`deploy.render.supervisord.state_files`).
+
+        The state directory itself is created or adopted only if it is ours or empty
+        (:meth:`~deploy.hosts.agent.HostAgent.prepare_state_dir`); the folders in it are ours.
+        """
+        self.agent.prepare_state_dir(state.state_dir)
         for directory in state.dirs:
             self.agent.mkdir(directory)
         for f in state.files:

@@ -221,12 +221,16 @@ def _controller(spec: ClusterSpec) -> Component:
     workers = [f"http://{spec.host(r.host).address}:{r.port}" for m in spec.models for r in m.replicas]
     content: dict[str, list[str]] = {"workers": sorted(set(workers))}
     content["hosts"] = _addresses(spec.host(r.host).address for m in spec.models for r in m.replicas)
+    # The registry's readers: the API server, the probes on the head host, the workers' hosts.
+    clients_path = host_paths(host).file("controller-allowed-clients.json")
+    clients = {"hosts": _addresses(h.address for h in spec.hosts)}
     argv = [
         *_python(host, "deploy.runtime.controller"),
         *("--host", c.bind, "--port", str(c.port)),
         *("--dispatch-method", c.dispatch),
         *("--heartbeat-expiration", str(c.heartbeat_expiration)),
         *("--allowed-workers-file", allowed),
+        *("--allowed-clients-file", clients_path),
     ]
     if spec.health.active_check_interval > 0:
         argv += ["--active-check-interval", f"{spec.health.active_check_interval:g}"]
@@ -240,7 +244,10 @@ def _controller(spec: ClusterSpec) -> Component:
         port=c.port,
         argv=tuple(argv),
         env=tuple(_base_env(spec, "controller")),
-        files=(HostFile(allowed, json.dumps(content, indent=2) + "\n", 0o600),),
+        files=(
+            HostFile(allowed, json.dumps(content, indent=2) + "\n", 0o600),
+            HostFile(clients_path, json.dumps(clients, indent=2) + "\n", 0o600),
+        ),
     )
 
 

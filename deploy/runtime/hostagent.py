@@ -20,13 +20,16 @@ Operations (``op`` key), and what they answer:
 - ``bindable`` ``address, port`` -> ``{"free": bool, "error": str}``.
 - ``read`` ``path, tail_lines?, offset?, max_bytes?`` -> ``{"exists": bool, "text": str, "size": int}``.
 - ``stat`` ``path`` -> ``{"exists": bool, "is_dir": bool}``; ``mkdir`` ``path, mode``; ``home``.
+- ``state_dir`` ``path`` -> ``{"ok": bool, "error": str}``: create or adopt the state directory
+  (:func:`deploy.runtime.statedir.prepare`: never a system location or a folder not ours).
 - ``processes`` ``pids`` -> ``{"alive": {pid: cmdline}}``.
 - ``signal`` ``pid, signal, must_contain`` -> ``{"sent": bool}``: only to a process whose command
   line contains ``must_contain`` (so a reused pid is never hit).
 - ``start_supervisord`` ``conf`` -> ``{"exit_code": int, "output": str}``.
 - ``facts`` ``dists, paths, ports: [[address, port]], gpus: bool, disk_path`` -> ``{"python",
   "executable", "versions": {dist: str|None}, "paths": {path: bool}, "ports": [bindable...],
-  "gpus": {"present": bool, "indexes": [int], "error": str}, "disk_free": int, "time": float}``
+  "gpus": {"present": bool, "indexes": [int], "error": str}, "disk_free": int, "time": float,
+  "state_dir": str | None}`` (why ``state_dir`` would refuse ``disk_path``, or None)
   (``doctor``'s questions about one host, answered in one round trip).
 - ``listen`` ``sockets: [[address, port]], seconds, expect`` -> ``{"bound": [str], "peers":
   [str]}``: accept connections for a while (a stand-in for a component not yet started, so
@@ -172,6 +175,13 @@ def op_mkdir(req: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True}
 
 
+def op_state_dir(req: dict[str, Any]) -> dict[str, Any]:
+    from deploy.runtime.statedir import prepare
+
+    error = prepare(os.path.expanduser(req["path"]), int(req.get("mode", 0o700)))
+    return {"ok": error is None, "error": error or ""}
+
+
 def op_home(req: dict[str, Any]) -> dict[str, Any]:
     return {"home": os.path.expanduser("~")}
 
@@ -238,6 +248,8 @@ def op_facts(req: dict[str, Any]) -> dict[str, Any]:
     import shutil
     import time
 
+    from deploy.runtime.statedir import check
+
     versions: dict[str, str | None] = {}
     for dist in req.get("dists", []):
         try:
@@ -259,6 +271,7 @@ def op_facts(req: dict[str, Any]) -> dict[str, Any]:
         "gpus": gpus,
         "disk_free": shutil.disk_usage(disk or "/").free,
         "time": time.time(),
+        "state_dir": check(os.path.expanduser(req["disk_path"])) if req.get("disk_path") else None,
     }
 
 

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allowed-clients-file",
         type=Path,
         metavar="PATH",
-        help='JSON {"hosts": [ip, ...]}: the only non-loopback clients of the generation routes',
+        help='JSON {"hosts": [ip, ...]}: the only non-loopback clients of any route',
     )
     parser.add_argument(
         "--upstream-model",
@@ -133,8 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     worker = BridgeWorker(settings, upstream, on_refused=lambda message: fail(COMPONENT, message))
     app = create_app(worker, allowlist=allowlist)
     logger.info(
-        "vllm_bridge: %s -> vLLM at %s (key %s), template %s, heartbeat every %d s, "
-        "generation routes open to %s",
+        "vllm_bridge: %s -> vLLM at %s (key %s), template %s, heartbeat every %d s, routes open to %s",
         ",".join(args.model_names),
         upstream.base_url,
         "set" if os.environ.get(API_KEY_ENV) else "none",

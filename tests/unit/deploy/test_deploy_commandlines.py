@@ -32,9 +32,12 @@ def test_a_key_digest_changes_only_the_api_servers_fingerprint(spec: ClusterSpec
 
 def test_the_controller_accepts_exactly_the_specs_workers(spec: ClusterSpec) -> None:
     controller, _, worker = build_components(spec)
-    (allowed,) = controller.files
+    allowed, readers = controller.files
     assert json.loads(allowed.content) == {"workers": ["http://127.0.0.1:41003"], "hosts": ["127.0.0.1"]}
     assert allowed.mode == 0o600
+    # The registry's reads (and docs) answer the cluster's own hosts only.
+    assert json.loads(readers.content) == {"hosts": ["127.0.0.1"]} and readers.mode == 0o600
+    assert controller.argv[controller.argv.index("--allowed-clients-file") + 1] == readers.path
     (clients,) = worker.files
     assert json.loads(clients.content) == {"hosts": ["127.0.0.1"]}
 
