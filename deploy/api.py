@@ -239,13 +239,13 @@ def follow_logs(
         masker = _key_masker(hosts, host)
         agent = hosts.agents[host]
         path = host_paths(hosts.spec.host(host)).log(component)
-        first = agent.one({"op": "read", "path": path, "tail_lines": lines})
+        first = agent.read_part(path, tail_lines=lines)
         write(masker(first.get("text", "")) + ("\n" if first.get("text") else ""))
         offset = int(first.get("size", 0))
         pending = ""  # an unfinished last line: a key may be cut in two between reads
         while not stop():
             time.sleep(interval)
-            answer = agent.one({"op": "read", "path": path, "offset": offset})
+            answer = agent.read_part(path, offset=offset)
             size = int(answer.get("size", 0))
             if size < offset:  # rotated: start again from the top of the new file
                 offset = 0

@@ -122,7 +122,8 @@ def _probe_host(spec: ClusterSpec, name: str, connector: Connector, components: 
     reach = "local" if host.is_local else "ssh"  # how the host is reached: the first row
     before = time.time()
     try:
-        home, facts = agent.call([{"op": "home"}, facts_request(spec, host, components)], timeout=60)
+        home, answer = agent.call([{"op": "home"}, facts_request(spec, host, components)], timeout=60)
+        facts = HostAgent.facts(answer)
     except ConnectionFailed as exc:
         fix = exc.hint or f"check that {name} is up and sshd runs (hosts.{name}.ssh)"
         return HostProbe(
@@ -140,9 +141,7 @@ def _probe_host(spec: ClusterSpec, name: str, connector: Connector, components: 
     mine = [c for c in components if c.host == name]
     running: set[str] = set()
     if not all(answer["free"] for answer in facts["ports"]):
-        info = agent.one(
-            {"op": "rpc", "socket": host_paths(host).socket, "calls": [["supervisor.getAllProcessInfo"]]}
-        )
+        info = agent.rpc(host_paths(host).socket, [["supervisor.getAllProcessInfo"]])
         results = info.get("results") or [{}]
         # BACKOFF: supervisord is between restarts of our own program, which may hold the port.
         ours = (*RUNNING_STATES, "BACKOFF")

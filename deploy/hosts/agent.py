@@ -9,10 +9,20 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from deploy.errors import CommandTimeout, ConnectorError
 from deploy.hosts.connector import Connector
+from deploy.runtime.hostagent import (
+    FactsAnswer,
+    HomeAnswer,
+    OkAnswer,
+    ProcessesAnswer,
+    ReadAnswer,
+    RpcAnswer,
+    StartAnswer,
+    StatAnswer,
+)
 
 __all__ = ["HostAgent", "HttpAnswer", "http_op"]
 
@@ -141,17 +151,45 @@ class HostAgent:
         """One HTTP request made from the host."""
         return HttpAnswer.parse(self.one(http_op(method, url, **kwargs)))
 
+    # Typed operations: each names the host agent's answer type (deploy.runtime.hostagent).
+
+    def home(self) -> str:
+        """The home directory of the user ``llm-deploy`` runs as there."""
+        return cast(HomeAnswer, self.one({"op": "home"}))["home"]
+
+    def stat(self, path: str) -> StatAnswer:
+        """Whether ``path`` exists, and is a directory."""
+        return cast(StatAnswer, self.one({"op": "stat", "path": path}))
+
+    def rpc(self, socket: str, calls: Sequence[Sequence[Any]], *, timeout: float = 60.0) -> RpcAnswer:
+        """supervisord XML-RPC calls over its unix socket."""
+        return cast(RpcAnswer, self.one({"op": "rpc", "socket": socket, "calls": calls}, timeout=timeout))
+
+    def start_supervisord(self, conf: str, *, timeout: float) -> StartAnswer:
+        """Start supervisord with ``conf`` (it daemonizes)."""
+        return cast(StartAnswer, self.one({"op": "start_supervisord", "conf": conf}, timeout=timeout))
+
+    def processes(self, pids: Sequence[int]) -> dict[str, str]:
+        """pid -> command line for those of ``pids`` still running."""
+        return cast(ProcessesAnswer, self.one({"op": "processes", "pids": list(pids)}))["alive"]
+
+    def read_part(self, path: str, **where: int) -> ReadAnswer:
+        """A part of ``path``: ``tail_lines``, ``offset`` and ``max_bytes`` as the agent takes them."""
+        return cast(ReadAnswer, self.one({"op": "read", "path": path, **where}))
+
+    @staticmethod
+    def facts(answer: Mapping[str, Any]) -> FactsAnswer:
+        """A ``facts`` answer of a batch, typed."""
+        return cast(FactsAnswer, answer)
+
     def read(self, path: str, *, tail_lines: int | None = None) -> str | None:
         """The text of ``path`` (its last ``tail_lines`` lines), or None when it does not exist."""
-        op: dict[str, Any] = {"op": "read", "path": path}
-        if tail_lines:
-            op["tail_lines"] = tail_lines
-        answer = self.one(op)
-        return answer["text"] if answer.get("exists") else None
+        answer = self.read_part(path, **({"tail_lines": tail_lines} if tail_lines else {}))
+        return answer.get("text", "") if answer.get("exists") else None
 
     def prepare_state_dir(self, path: str) -> None:
         """Create or adopt the state directory (refused: a system location, a folder not ours)."""
-        answer = self.one({"op": "state_dir", "path": path})
+        answer = cast(OkAnswer, self.one({"op": "state_dir", "path": path}))
         if not answer.get("ok"):
             raise ConnectorError(
                 self.host,
@@ -161,6 +199,6 @@ class HostAgent:
 
     def mkdir(self, path: str, mode: int = 0o700) -> None:
         """Create ``path`` (and parents) with ``mode``."""
-        answer = self.one({"op": "mkdir", "path": path, "mode": mode})
+        answer = cast(OkAnswer, self.one({"op": "mkdir", "path": path, "mode": mode}))
         if not answer.get("ok"):
             raise ConnectorError(self.host, answer.get("error", f"cannot create {path}"))

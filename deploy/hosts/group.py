@@ -131,8 +131,7 @@ def connect(
         opened[name] = connector
         if host.home:
             return host.home
-        home: str = HostAgent(connector, host.python).one({"op": "home"})["home"]
-        return home
+        return HostAgent(connector, host.python).home()
 
     down: dict[str, DeployError] = {}
     try:

@@ -80,7 +80,7 @@ def ensure_models(hosts: Hosts, reporter: Reporter) -> None:
         built = []
         for host, path in sorted(wanted):
             agent = hosts.agents[host]
-            if agent.one({"op": "stat", "path": f"{path}/config.json"})["exists"]:
+            if agent.stat(f"{path}/config.json")["exists"]:
                 continue
             result = agent.connector.run([agent.python, "-m", "deploy.runtime.tiny_model", path], timeout=600)
             if not result.ok:
