@@ -102,7 +102,8 @@ def cluster_status(hosts: Hosts) -> ClusterStatus:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         ops["models"] = http_op("GET", f"{api.url}/v1/models", headers=headers, cafile=api.ca_file)
         answers = hosts.head.call(list(ops.values()))
-        probes = {name: HttpAnswer.parse(a) for name, a in zip(ops, answers, strict=True)}
+        # Added to the engines' answers, not in their place (those were fetched on their own hosts).
+        probes |= {name: HttpAnswer.parse(a) for name, a in zip(ops, answers, strict=True)}
     workers = (probes["list_workers"].json() or {}).get("workers", {}) if "list_workers" in probes else {}
     suspended = (probes["list_workers"].json() or {}).get("suspended", {}) if "list_workers" in probes else {}
     records = _restart_records(hosts, observed, unreachable)
