@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from deploy.errors import PreflightError
 from deploy.render.components import Component
-from deploy.render.vllm import check_fastchat_vllm_version, check_vllm_serve_version
+from deploy.render.vllm import check_fastchat_vllm_version, check_vllm_serve_version, serve_flags
 from deploy.spec.model import ClusterSpec, HostSpec, VllmInstall
 
 __all__ = [
@@ -154,6 +154,20 @@ def judge_host(
                 )
             else:
                 checks.append(_ok(name, f"vllm ({kind})", f"{vllm} in {python}"))
+            recorded = serve_flags().vllm_version
+            if kind == "vllm" and vllm.version.split("+")[0] != recorded:
+                # Engine arguments are checked against the recorded parser, not this host's own.
+                checks.append(
+                    Check(
+                        name,
+                        "vllm flags",
+                        "warn",
+                        f"engine arguments are checked against the flags of vLLM {recorded}; "
+                        f"this host has {vllm.version}",
+                        f"pin vLLM {recorded} there, or record its flags: {python} "
+                        "scripts/refresh-vllm-flags.py serve",
+                    )
+                )
     for model, path in _model_paths(spec, host).items():
         if facts["paths"].get(path):
             checks.append(_ok(name, "model path", f"{model}: {path}"))
