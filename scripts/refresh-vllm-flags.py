@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DATA = Path(__file__).resolve().parents[1] / "deploy" / "data"
+DATA = Path(__file__).resolve().parents[1] / "deploy" / "render" / "data"
 NEGATIVE_PREFIXES = ("--no-", "--disable-")
 
 
@@ -42,9 +42,20 @@ def serve_flags(vllm_src: Path | None) -> tuple[str, list[dict[str, Any]]]:
         sys.path.insert(0, str(vllm_src))
     # Choosing the CPU platform lets the config defaults build on a machine without a GPU.
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    import importlib
+
     import vllm
-    from vllm.entrypoints.common.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    # The parser `vllm serve` (and the api_server module) builds; it moved in 0.32.
+    for where in ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.common.cli_args"):
+        try:
+            make_arg_parser = importlib.import_module(where).make_arg_parser
+            break
+        except ModuleNotFoundError:
+            continue
+    else:
+        raise SystemExit(f"vLLM {vllm.__version__}: no make_arg_parser where 0.32/0.33 keep it")
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
     flags = []
@@ -130,8 +141,8 @@ def main() -> None:
     if args.mode == "serve":
         version, flags = serve_flags(args.vllm_src)
         method = (
-            "introspected: the argparse actions of vllm.entrypoints.common.cli_args.make_arg_parser"
-            "(FlexibleArgumentParser()), the parser of `vllm serve`"
+            "introspected: the argparse actions of vllm's make_arg_parser(FlexibleArgumentParser())"
+            " (vllm.entrypoints.launchers.cli_args from 0.32), the parser of `vllm serve`"
             + (f"; {args.method_note}" if args.method_note else "")
         )
         write(args.out, version, method, "vllm serve", flags)

@@ -40,6 +40,7 @@ from deploy.errors import DeployError
 from deploy.health.ladder import Ladder
 from deploy.hosts.agent import HostAgent
 from deploy.hosts.connector import LocalConnector
+from deploy.hosts.group import probe_vllm
 from deploy.hosts.observed import RUNNING_STATES
 from deploy.hosts.supervisor import Supervisor
 from deploy.render.components import Component, build_components, host_paths
@@ -70,8 +71,14 @@ def cluster_from_document(document: Mapping[str, Any], host: str) -> ClusterSpec
             state_dir=given.get("state_dir", h.state_dir),
             home=given.get("home") or h.home,
         )
+        if given.get("vllm_python"):
+            h = dataclasses.replace(h, vllm_python=given["vllm_python"])
         if h.name == host and not h.home:
             h = dataclasses.replace(h, home=os.path.expanduser("~"))  # what the host agent's `home` says
+        engines_here = any(m.kind == "vllm" and r.host == host for m in spec.models for r in m.replicas)
+        if h.name == host and engines_here:
+            # As `connect` does: the engine's entry point depends on the installed distribution.
+            h = dataclasses.replace(h, vllm=probe_vllm(LocalConnector(host), h))
         hosts.append(h)
     return dataclasses.replace(spec, hosts=tuple(hosts))
 

@@ -37,10 +37,9 @@ from deploy.health.doctor_rules import (
 )
 from deploy.hosts.agent import HostAgent
 from deploy.hosts.connector import Connector
-from deploy.hosts.group import connector_for, on_hosts
+from deploy.hosts.group import connector_for, on_hosts, probe_vllm
 from deploy.hosts.observed import RUNNING_STATES
 from deploy.render.components import Component, build_components, host_paths
-from deploy.render.vllm import parse_version_probe, version_probe_argv
 from deploy.spec.model import ClusterSpec
 
 __all__ = ["DoctorReport", "HostProbe", "open_connectors", "run_doctor"]
@@ -146,9 +145,12 @@ def _probe_host(spec: ClusterSpec, name: str, connector: Connector, components: 
         # BACKOFF: supervisord is between restarts of our own program, which may hold the port.
         ours = (*RUNNING_STATES, "BACKOFF")
         running = {p["name"] for p in results[0].get("ok", []) if p.get("statename") in ours}
-    vllm_version = None
+    vllm = None
     if any(m.kind != "hf" for m in spec.models for r in m.replicas if r.host == name):
-        vllm_version = parse_version_probe(connector.run(version_probe_argv(host.python), timeout=60).stdout)
+        # fastchat-vllm imports vLLM in the host's python; the vllm kind runs it in vllm_python.
+        kinds = {m.kind for m in spec.models for r in m.replicas if r.host == name}
+        probed = host if "vllm" in kinds else replace(host, vllm_python=None)
+        vllm = probe_vllm(connector, probed, import_check=True)
     checks += judge_host(
         spec,
         host,
@@ -156,7 +158,7 @@ def _probe_host(spec: ClusterSpec, name: str, connector: Connector, components: 
         facts,
         local_version=_local_version(),
         running=running,
-        vllm_version=vllm_version,
+        vllm=vllm,
     )
     if not host.is_local:
         checks.append(clock_check(name, float(facts["time"]), before, after))

@@ -114,7 +114,8 @@ def observe_status(hosts: Hosts) -> StatusObservation:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         ops["models"] = http_op("GET", f"{api.url}/v1/models", headers=headers, cafile=api.ca_file)
         answers = hosts.head.call(list(ops.values()))
-        probes = {name: HttpAnswer.parse(a) for name, a in zip(ops, answers, strict=True)}
+        # Added to the engines' answers, not in their place (those were fetched on their own hosts).
+        probes |= {name: HttpAnswer.parse(a) for name, a in zip(ops, answers, strict=True)}
     records = _restart_records(hosts, observed, unreachable)
     tails = {
         (c.host, c.name): hosts.supervisors[c.host].log_tail(c.name, TAIL_LINES)

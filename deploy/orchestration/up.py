@@ -32,6 +32,7 @@ from deploy.orchestration.plan import (
 )
 from deploy.render.components import Component, host_paths
 from deploy.render.supervisord import state_files
+from deploy.render.vllm.versions import check_vllm_serve_version
 from deploy.report import Reporter
 from deploy.security.hostkeys import read_key_store
 from deploy.security.keystore import KeyStore
@@ -111,6 +112,16 @@ def preflight(hosts: Hosts, plan: Plan) -> int:
                 hint=f"use a shorter hosts.{host}.state_dir",
             )
         components = to_check.get(host, [])
+        if any(c.role == "engine" for c in components):
+            h = spec.host(host)
+            installed = h.vllm
+            try:
+                check_vllm_serve_version(installed.version if installed else None, host=host)
+            except PreflightError as exc:
+                raise PreflightError(
+                    f"{exc.message} (vllm_python: {h.engine_python})",
+                    hint=f"{exc.hint}; or point hosts.{host}.vllm_python at a Python that has it",
+                ) from None
         answers = hosts.agents[host].call(
             [{"op": "bindable", "address": c.bind, "port": c.port} for c in components]
         )
@@ -184,7 +195,10 @@ def start_components(hosts: Hosts, plan: Plan, names: set[str]) -> list[Componen
 def served_models(hosts: Hosts, components: list[Component]) -> tuple[ServedModel, ...]:
     """Each model's context length, read from its first live worker (``/model_details``)."""
     spec = hosts.spec
-    firsts = {m.name: next(c for c in components if c.model == m.name) for m in spec.models}
+    # Workers only: a vllm replica's engine (vLLM itself, on loopback) has no /model_details.
+    firsts = {
+        m.name: next(c for c in components if c.model == m.name and c.role == "worker") for m in spec.models
+    }
     answers = hosts.head.call(
         [http_op("POST", f"{c.url}/model_details", json_body={}) for c in firsts.values()]
     )

@@ -363,12 +363,14 @@ def _vllm_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Compon
     r = _replica(spec, model, index)
     internal = vllm.internal_port(r.port)
     serve = vllm.vllm_serve_command(
-        python=r.host.python,
+        python=r.host.engine_python,
         model_path=r.host.path(model.path),
         served_name=model.name,
         port=internal,
         engine_args=model.engine_args,
         gpus=r.gpus,
+        distribution=r.host.vllm.distribution if r.host.vllm else None,
+        device=model.device,
     )
     engine_name = f"{r.name}-vllm"
     engine = Component(
@@ -394,6 +396,7 @@ def _vllm_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Compon
         controller_address=controller_url(spec),
         heartbeat_interval=spec.controller.heartbeat_interval,
         allowed_clients_file=r.allowed_clients.path if r.allowed_clients else None,
+        model_path=r.host.path(model.path) if model.path.startswith(("/", "~")) else None,
     )
     files = (r.allowed_clients,) if r.allowed_clients else ()
     return [engine, _worker(spec, model, r, list(bridge), [], files, uses_gpus=False)]

@@ -161,13 +161,16 @@ def _hosts(node: Node, *, cluster: str, base_dir: Path, local_python: str) -> tu
         local = connect == "local"
         address = _address(h, "address", "127.0.0.1") if local else _address(h, "address", "")
         python = h.get("python", str, local_python if local else "python3")
+        vllm_python = h.get("vllm_python", str, None)
         default_dir = str(deploy_home() / cluster) if local else f"~/.local/state/llm-deploy/{cluster}"
         state_dir = h.get("state_dir", str, default_dir)
         home = os.path.expanduser("~") if local else None
         if local:
             state_dir = _local_path(state_dir, base_dir)
             if not os.path.isabs(python) and "/" in python:
-                python = _local_path(python, base_dir)
+                python = _local_executable(python, base_dir)
+            if vllm_python is not None and not os.path.isabs(vllm_python) and "/" in vllm_python:
+                vllm_python = _local_executable(vllm_python, base_dir)
         elif not (state_dir.startswith(("/", "~/"))):
             raise h.error("must be absolute or start with ~/ on an SSH host", "state_dir")
         refused = system_location(state_dir, home)
@@ -182,7 +185,17 @@ def _hosts(node: Node, *, cluster: str, base_dir: Path, local_python: str) -> tu
             raise h.error(f"same state directory as host {seen_dirs[state_dir]!r}", "state_dir")
         seen_dirs[state_dir] = name
         hosts.append(
-            HostSpec(name, address, connect, python, state_dir, ssh if not local else None, home, bind)  # type: ignore[arg-type]
+            HostSpec(
+                name,
+                address,
+                connect,  # type: ignore[arg-type]
+                python,
+                state_dir,
+                ssh if not local else None,
+                home,
+                bind,
+                vllm_python=vllm_python,
+            )
         )
     return tuple(hosts)
 
@@ -441,6 +454,11 @@ def _optional_local_path(node: Node, key: str, base_dir: Path) -> str | None:
 def _local_path(value: str, base_dir: Path) -> str:
     path = Path(os.path.expanduser(value))
     return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _local_executable(value: str, base_dir: Path) -> str:
+    # Not resolve(): a venv's bin/python is a symlink to the base interpreter, which would lose the venv.
+    return os.path.normpath(base_dir / os.path.expanduser(value))
 
 
 def _check_unique_models(node: Node, models: tuple[ModelSpec, ...]) -> None:
