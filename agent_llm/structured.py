@@ -97,8 +97,11 @@ class OutputSchema:
             key=lambda e: list(e.absolute_path),
         )
         if errors:
-            where = "/".join(str(p) for p in errors[0].absolute_path) or "the top level"
-            return None, f"Your answer does not match the schema at {where}: {errors[0].message}."
+            found = "; ".join(
+                f"at {'/'.join(str(p) for p in e.absolute_path) or 'the top level'}: {e.message}"
+                for e in errors[:3]
+            )
+            return None, f"Your answer does not match the schema {found}."
         if self.model is not None:
             try:
                 return self.model.model_validate(data), None

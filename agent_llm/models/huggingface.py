@@ -195,8 +195,9 @@ class HuggingFaceLanguageBackend(LanguageBackend):
         from lmformatenforcer import RegexParser
 
         allowed = self._allowed_tokens_fn(RegexParser("|".join(f"(?:{re.escape(o)})" for o in options)), 0)
-        longest = max(len(self.tokenizer.encode(o, add_special_tokens=False)) for o in options)
-        call = {**settings, "max_new_tokens": longest + 2}
+        # The grammar may spell an option in more tokens than its usual tokenization, never in
+        # more than one a byte; the end-of-turn token stops generation as soon as one is complete.
+        call = {**settings, "max_new_tokens": max(len(o.encode("utf-8")) for o in options) + 2}
         text = self._generate([messages], None, call, {"prefix_allowed_tokens_fn": allowed}, record=False)[0]
         return str(text), {"grammar": "lm-format-enforcer"}
 
