@@ -451,8 +451,9 @@ class LanguageBackend(ABC):
                 "choice_method": "constrained",
                 "match": found.kind,
                 "latency_s": round(time.monotonic() - started, 4),
-                **details,
+                **{k: v for k, v in details.items() if k != "prompt_tokens"},
             },
+            prompt_tokens=details.get("prompt_tokens"),
         )
         return found.option
 
