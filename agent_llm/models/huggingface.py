@@ -157,7 +157,7 @@ class HuggingFaceLanguageBackend(LanguageBackend):
         scores: list[float] = []
         with torch.inference_mode():
             device = self.model.device
-            head = self.model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+            head = self._prompt_pass(torch.tensor([prompt], device=device))
             first = torch.log_softmax(head.logits[0, -1].float(), dim=-1)
             chunks = range(0, len(options), size)
             for start in chunks:
@@ -256,6 +256,13 @@ class HuggingFaceLanguageBackend(LanguageBackend):
         # What follows the end-of-turn token (a newline, the next turn's opening) is not the reply.
         end = next((i for i, t in enumerate(tail) if t in self._end_ids), len(tail) - 1)
         return tail[: end + 1]
+
+    def _prompt_pass(self, ids: Any) -> Any:
+        """The prompt through the model with the KV cache on, logits for its last position only."""
+        try:
+            return self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        except TypeError:  # a model class older than transformers' logits_to_keep
+            return self.model(input_ids=ids, use_cache=True)
 
     def _score_continuations(
         self, prompt_len: int, first: Any, cache: Any, continuations: list[list[int]]
