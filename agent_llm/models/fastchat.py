@@ -86,13 +86,18 @@ class FastChatLanguageBackend(OpenAILanguageBackend):
     Args:
         conv_template: The worker's ``--conv-template`` (e.g. ``qwen-7b-chat``); enables cheap
             token counts and option scoring by log-likelihood.
+        tokenize_endpoint: Count tokens with the server's ``POST /tokenize`` and the messages
+            (vLLM's; the model's own chat template), instead of the FastChat ways above.
     """
 
     default_api_key_env: ClassVar[str] = "FASTCHAT_API_KEY"
     default_structured_outputs: ClassVar[StructuredOutputs] = "auto"
 
-    def __init__(self, *args: Any, conv_template: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, conv_template: str | None = None, tokenize_endpoint: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.tokenize_endpoint = tokenize_endpoint
         if not self.server_ip:
             raise ConfigurationError("server_ip: required for FastChat (the API server's URL ending in /v1)")
         self.conv_template = conv_template
@@ -136,7 +141,9 @@ class FastChatLanguageBackend(OpenAILanguageBackend):
             if key in self._counts:
                 self._counts.move_to_end(key)
                 return self._counts[key]
-        if self.conv_template:
+        if self.tokenize_endpoint:
+            count = self._tokenize(messages)
+        elif self.conv_template:
             count = self._token_check(self._render(messages))
         else:
             count = self._chat_prompt_tokens(messages)
@@ -165,6 +172,23 @@ class FastChatLanguageBackend(OpenAILanguageBackend):
                 f"{self.where}: the server reports no usage; it is not a FastChat API server"
             )
         return int(response.usage.prompt_tokens)
+
+    def _tokenize(self, messages: Sequence[Message]) -> int:
+        body = {
+            "model": self.model_id,
+            "messages": [dict(m) for m in messages],
+            "add_generation_prompt": True,
+        }
+        reply: Any = self.request(
+            "token count", lambda: self.client.post(f"{self._root}/tokenize", cast_to=object, body=body)
+        )
+        try:
+            return int(reply["count"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ConfigurationError(
+                f"tokenize_endpoint: unexpected /tokenize reply {reply!r} from {self.where}; "
+                "is it a vLLM-kind server?"
+            ) from exc
 
     def _token_check(self, prompt: str) -> int:
         body = {"prompts": [{"model": self.model_id, "prompt": prompt, "max_tokens": 0}]}

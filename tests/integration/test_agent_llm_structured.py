@@ -233,3 +233,10 @@ def test_constrained_choice_asks_for_guided_choice(
     assert {k: server.bodies[0][k] for k in expected} == expected
     entry = llm.history[-1]
     assert entry["choice_method"] == "constrained" and entry["guided"] == param and len(llm.history) == 1
+
+
+def test_count_tokens_through_tokenize_sends_the_messages(recording: Any) -> None:
+    server = recording((200, {"count": 42, "max_model_len": 4096, "tokens": []}))
+    llm = backend(server, FastChatLanguageBackend, tokenize_endpoint=True)
+    assert llm.count_tokens(MESSAGES) == 42
+    assert server.bodies[0] == {"model": "m", "messages": MESSAGES, "add_generation_prompt": True}
