@@ -33,7 +33,7 @@ from bench.bench_choose import nearest_option
 from bench.measure import median, ms, ratio_line, scaled, table
 
 STEPS = 300
-BATCH = 32
+BATCH = 16
 LEARNING_RATE = 3e-3
 OPTION_COUNTS = (2, 8, 32)
 SEED = 17
@@ -88,7 +88,7 @@ def fine_tune(backend: Any, answers: dict[str, str], rng: random.Random) -> tupl
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return median(losses[-20:]), time.perf_counter() - started
 
@@ -100,6 +100,9 @@ def main() -> None:
     from agent_llm.models import HuggingFaceLanguageBackend
     from deploy.runtime.tiny_model import build_tiny_model
 
+    # One thread: on a shared 2-core machine two torch threads per process oversubscribe the
+    # cores and a training step got 10x slower.
+    torch.set_num_threads(1)
     started = time.perf_counter()
     print("# Benchmark 8: choice accuracy after fine-tuning the tiny model (CPU)", flush=True)
     rng = random.Random(SEED)
