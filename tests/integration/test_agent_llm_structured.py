@@ -240,3 +240,27 @@ def test_count_tokens_through_tokenize_sends_the_messages(recording: Any) -> Non
     llm = backend(server, FastChatLanguageBackend, tokenize_endpoint=True)
     assert llm.count_tokens(MESSAGES) == 42
     assert server.bodies[0] == {"model": "m", "messages": MESSAGES, "add_generation_prompt": True}
+
+
+def test_server_mode_raises_on_an_invalid_constrained_reply(recording: Any) -> None:
+    server = recording((200, completion({"content": '{"lit": true'}, "length")))
+    with pytest.raises(StructuredOutputError, match="constrained by server"):
+        backend(server, FastChatLanguageBackend, structured_outputs="server").structured_completion(
+            MESSAGES, SCHEMA
+        )
+    assert len(server.bodies) == 1, "no re-ask when the server was trusted to constrain"
+
+
+def test_a_vllm_reply_without_calls_is_no_error(recording: Any) -> None:
+    server = recording((200, completion({"content": "I will wait.", "tool_calls": []})))
+    reply = backend(server, FastChatLanguageBackend).tool_completion(MESSAGES, TOOLS)
+    assert reply.tool_calls == [] and reply.content == "I will wait."
+
+
+def test_openai_itself_gets_an_enum_schema_for_a_constrained_choice(recording: Any) -> None:
+    server = recording((200, completion({"content": '{"choice": "wait"}'})))
+    llm = backend(server)
+    llm.official = True  # as for api.openai.com, which this loopback server stands in for
+    assert llm.choose_from_options(MESSAGES, OPTIONS, choice_method="constrained") == "wait"
+    sent = server.bodies[0]["response_format"]["json_schema"]
+    assert sent["strict"] is True and sent["schema"]["properties"]["choice"]["enum"] == OPTIONS
