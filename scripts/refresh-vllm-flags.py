@@ -12,6 +12,9 @@ Two records live in ``deploy/render/data/`` (read by :mod:`deploy.render.vllm`):
 - ``vllm_engine_flags_0.6.2.json``: the engine flags ``fastchat.serve.vllm_worker`` adds from
   vLLM 0.6.2 (the last release it runs with; the ``fastchat-vllm`` kind). Written by the
   ``engine-static`` mode, which reads ``vllm/engine/arg_utils.py`` with ``ast`` (no import).
+- ``fastchat_model_worker_flags.json``: the flags of FastChat's ``model_worker`` (the ``hf``
+  kind), read with the same ``ast`` method from the installed ``fastchat/serve/model_worker.py``
+  and ``fastchat/model/model_adapter.py`` (``add_model_args``): the ``model-worker`` mode.
 
 Usage::
 
@@ -19,6 +22,7 @@ Usage::
         [--out deploy/render/data/vllm_serve_flags.json]
     python scripts/refresh-vllm-flags.py engine-static ARG_UTILS_PY --version 0.6.2 \\
         [--out deploy/render/data/vllm_engine_flags_0.6.2.json]
+    python scripts/refresh-vllm-flags.py model-worker   # with fschat installed
 """
 
 from __future__ import annotations
@@ -114,8 +118,11 @@ def _literal(node: ast.expr | None) -> Any:
         return None  # computed (e.g. a list of quantization methods): not recorded
 
 
-def write(out: Path, version: str, method: str, command: str, flags: list[dict[str, Any]]) -> None:
+def write(
+    out: Path, version: str, method: str, command: str, flags: list[dict[str, Any]], engine: str = "vLLM"
+) -> None:
     record = {
+        "engine": engine,
         "vllm_version": version,
         "recorded": datetime.date.today().isoformat(),
         "method": method,
@@ -123,7 +130,7 @@ def write(out: Path, version: str, method: str, command: str, flags: list[dict[s
         "flags": flags,
     }
     out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    print(f"{out}: {len(flags)} flags of {command} (vLLM {version})")
+    print(f"{out}: {len(flags)} flags of {command} ({engine} {version})")
 
 
 def main() -> None:
@@ -137,8 +144,30 @@ def main() -> None:
     static.add_argument("arg_utils", type=Path)
     static.add_argument("--version", required=True)
     static.add_argument("--out", type=Path)
+    modes.add_parser("model-worker", help="flags of FastChat's model_worker (the installed fschat), with ast")
     args = parser.parse_args()
-    if args.mode == "serve":
+    if args.mode == "model-worker":
+        import importlib.metadata
+
+        import fastchat
+
+        base = Path(fastchat.__file__).parent
+        found = engine_flags_static(base / "serve" / "model_worker.py")
+        found += engine_flags_static(base / "model" / "model_adapter.py")
+        flags = sorted({f["flag"]: f for f in found}.values(), key=lambda f: f["flag"])
+        method = (
+            "static: ast of fastchat/serve/model_worker.py (its __main__ parser) and "
+            "fastchat/model/model_adapter.py (add_model_args) of the installed fschat"
+        )
+        write(
+            DATA / "fastchat_model_worker_flags.json",
+            importlib.metadata.version("fschat"),
+            method,
+            "model_worker",
+            flags,
+            engine="FastChat",
+        )
+    elif args.mode == "serve":
         version, flags = serve_flags(args.vllm_src)
         method = (
             "introspected: the argparse actions of vllm's make_arg_parser(FlexibleArgumentParser())"

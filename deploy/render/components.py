@@ -18,14 +18,15 @@ from typing import Literal
 
 from deploy.errors import SpecError
 from deploy.render import vllm
-from deploy.spec.model import ClusterSpec, EngineValue, HostSpec, ModelSpec
+from deploy.render.vllm.flags import engine_flags as checked_flags
+from deploy.render.vllm.flags import model_worker_flags, pairs
+from deploy.spec.model import ClusterSpec, HostSpec, ModelSpec
 
 __all__ = [
     "Component",
     "HostFile",
     "HostPaths",
     "build_components",
-    "engine_flags",
     "host_paths",
     "mask_secrets",
     "worker_name",
@@ -161,25 +162,6 @@ def mask_secrets(argv: Iterable[str]) -> str:
             out.append(shlex.quote(arg))
             hide_next = arg in _SECRET_FLAGS
     return " ".join(out)
-
-
-def engine_flags(args: Iterable[tuple[str, EngineValue]]) -> list[str]:
-    """Engine arguments as flags: ``max_model_len: 4096`` -> ``--max-model-len 4096``.
-
-    ``true`` gives a bare flag, ``false`` leaves the flag out, a list gives its items as values.
-    """
-    flags: list[str] = []
-    for key, value in args:
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif value is False:
-            continue
-        elif isinstance(value, tuple):
-            flags += [flag, *(str(v) for v in value)]
-        else:
-            flags += [flag, str(value)]
-    return flags
 
 
 def build_components(spec: ClusterSpec, *, api_key_digest: str = "") -> list[Component]:
@@ -336,6 +318,24 @@ def _worker(
     )
 
 
+_SET_BY_US = "set by llm-deploy from the spec"
+# model_worker flags that llm-deploy sets itself; the others are the user's engine arguments.
+_MODEL_WORKER_RESERVED = {
+    "host": f"{_SET_BY_US} (hosts.<name>.bind)",
+    "port": f"{_SET_BY_US} (replicas[].port)",
+    "worker_address": f"{_SET_BY_US} (the replica's address and port)",
+    "controller_address": f"{_SET_BY_US} (controller)",
+    "model_path": f"{_SET_BY_US} (models[].path)",
+    "model_names": f"{_SET_BY_US} (models[].name)",
+    "conv_template": f"{_SET_BY_US} (models[].conv_template)",
+    "device": f"{_SET_BY_US} (models[].device)",
+    "num_gpus": f"{_SET_BY_US} (replicas[].gpus)",
+    "gpus": f"{_SET_BY_US} (replicas[].gpus sets CUDA_VISIBLE_DEVICES)",
+    "no_register": "a worker that does not register with the controller serves nothing",
+    "ssl": "TLS between the components is not supported (api_server.tls serves port 8000)",
+}
+
+
 def _hf_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Component]:
     r = _replica(spec, model, index)
     argv = [
@@ -350,7 +350,7 @@ def _hf_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Componen
     argv += ["--heartbeat-interval", str(spec.controller.heartbeat_interval)]
     if r.allowed_clients:
         argv += ["--allowed-clients-file", r.allowed_clients.path]
-    argv += engine_flags(model.engine_args)
+    argv += checked_flags(pairs(model.engine_args), model_worker_flags(), _MODEL_WORKER_RESERVED)
     # Pin the worker to its GPUs; a CPU worker sees none, so it cannot grab one by accident.
     env = [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")]
     env.append(("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in r.gpus)))
