@@ -7,6 +7,7 @@ default FastChat ports: each host is its own network namespace, so nothing else 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,20 @@ class SSHCluster:
     def host_processes(self, host: str) -> list[str]:
         """Command lines of every process in ``host``'s namespace except its sshd and sessions."""
         return host_processes(self.testbed, host)
+
+    def list_workers(self) -> dict[str, dict[str, object]]:
+        """The controller's registry, asked from the head host: it answers only the cluster's hosts."""
+        code = (
+            "import sys, urllib.request as u\n"
+            "opener = u.build_opener(u.ProxyHandler({}))\n"
+            "req = u.Request(sys.argv[1], data=b'{}', headers={'Content-Type': 'application/json'})\n"
+            "print(opener.open(req, timeout=10).read().decode())"
+        )
+        url = f"http://{self.testbed.hosts['head']}:21001/list_workers"
+        done = self.in_host("head", [sys.executable, "-c", code, url])
+        assert done.returncode == 0, done.stderr
+        workers: dict[str, dict[str, object]] = json.loads(done.stdout)["workers"]
+        return workers
 
     def in_host(self, host: str, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside ``host``'s network namespace (no SSH)."""

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,11 +38,7 @@ def set_spec(c: SSHCluster, **changes: object) -> None:
 
 
 def list_workers(c: SSHCluster) -> set[str]:
-    url = f"http://{c.testbed.hosts['head']}:21001/list_workers"
-    request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(request, timeout=10) as resp:
-        return set(json.loads(resp.read())["workers"])
+    return set(c.list_workers())
 
 
 def down_and_check_clean(c: SSHCluster, hosts: tuple[str, ...]) -> None:

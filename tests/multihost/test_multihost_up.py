@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,12 +40,7 @@ def cluster(
 
 
 def list_workers(c: SSHCluster) -> dict[str, dict[str, object]]:
-    url = f"http://{c.testbed.hosts['head']}:21001/list_workers"
-    request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(request, timeout=10) as resp:
-        workers: dict[str, dict[str, object]] = json.loads(resp.read())["workers"]
-    return workers
+    return c.list_workers()
 
 
 def test_up_brings_up_head_and_two_worker_hosts(cluster: SSHCluster) -> None:
