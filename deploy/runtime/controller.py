@@ -19,7 +19,8 @@ Differences from ``python -m fastchat.serve.controller``:
   worker that stopped generating out of rotation, and puts it back once it generates again
   (:mod:`deploy.runtime.activecheck`);
 - with ``--allowed-workers-file``, ``/register_worker`` refuses unlisted worker URLs and
-  client addresses with 403 (upstream lets anyone register any URL);
+  client addresses with 403 (upstream lets anyone register any URL); a Slurm job registers its
+  own address with a per-replica secret instead (see :mod:`deploy.runtime.allowlist`);
 - no log file of its own: everything goes to stdout/stderr.
 """
 
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.runtime._entry import check_port_free, fail, positive_int, prepare_environment, serve
-from deploy.runtime.allowlist import WorkerAllowlist
+from deploy.runtime.allowlist import REGISTRATION_HEADER, WorkerAllowlist
 from deploy.runtime.errors import StartupError
 
 __all__ = ["build_parser", "describe_workers", "main"]
@@ -170,7 +171,8 @@ def _guard_registration(app: Any, allowlist_path: Path) -> None:
         except ValueError:
             worker_url = None
         try:
-            reason = WorkerAllowlist.load(allowlist_path).refusal(worker_url, client)
+            token = request.headers.get(REGISTRATION_HEADER)
+            reason = WorkerAllowlist.load(allowlist_path).refusal(worker_url, client, token)
         except StartupError as exc:
             # Fail closed: a file broken while running refuses everyone, loudly.
             reason = f"allowlist unusable: {exc}"

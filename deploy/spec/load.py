@@ -35,6 +35,7 @@ from deploy.spec.model import (
     HostSpec,
     ModelSpec,
     ReplicaSpec,
+    SlurmReplicaSpec,
     SSHSpec,
     SupervisionSpec,
     TimeoutsSpec,
@@ -42,6 +43,7 @@ from deploy.spec.model import (
     deploy_home,
 )
 from deploy.spec.nodes import Node
+from deploy.spec.slurm import parse_slurm
 
 __all__ = ["default_spec_text", "load_cluster_spec", "parse", "parse_cluster_spec"]
 
@@ -127,8 +129,9 @@ def _hosts(node: Node, *, cluster: str, base_dir: Path, local_python: str) -> tu
         h.mapping()
         if not _NAME.match(name):
             raise h.error("host names must be letters, digits, '.', '_' or '-'")
-        connect = _choice(h, "connect", ("local", "ssh"), "local")
-        local = connect == "local"
+        connect = _choice(h, "connect", ("local", "ssh", "slurm"), "local")
+        # A Slurm login node is reached over SSH when it has an ssh block, else locally.
+        local = connect == "local" or (connect == "slurm" and not h.has("ssh"))
         address = _address(h, "address", "127.0.0.1") if local else _address(h, "address", "")
         python = h.get("python", str, local_python if local else "python3")
         default_dir = str(deploy_home() / cluster) if local else f"~/.local/state/llm-deploy/{cluster}"
@@ -144,12 +147,15 @@ def _hosts(node: Node, *, cluster: str, base_dir: Path, local_python: str) -> tu
         ssh = _ssh(h.child("ssh"), base_dir) if h.has("ssh") else None
         if ssh is not None and local:
             raise h.error("only allowed with connect: ssh", "ssh")
+        if h.has("slurm") and connect != "slurm":
+            raise h.error("only allowed with connect: slurm", "slurm")
+        slurm = parse_slurm(h.child("slurm"), with_env=True) if connect == "slurm" else None
         h.done()
         if local and state_dir in seen_dirs:
             raise h.error(f"same state directory as host {seen_dirs[state_dir]!r}", "state_dir")
         seen_dirs[state_dir] = name
         hosts.append(
-            HostSpec(name, address, connect, python, state_dir, ssh if not local else None, home, bind)  # type: ignore[arg-type]
+            HostSpec(name, address, connect, python, state_dir, ssh if not local else None, home, bind, slurm)  # type: ignore[arg-type]
         )
     return tuple(hosts)
 
@@ -269,8 +275,8 @@ def _model(node: Node, hosts: dict[str, HostSpec], base_dir: Path) -> ModelSpec:
     if not path.startswith(("/", "~")):
         path = str((base_dir / path).resolve())
     replicas_node = node.child("replicas")
-    replicas = _replicas(replicas_node, hosts, device)
-    if all(hosts[r.host].is_local for r in replicas):
+    replicas, slurm_replicas = _replicas(replicas_node, hosts, device)
+    if all(hosts[h].is_local for h in [*(r.host for r in replicas), *(r.host for r in slurm_replicas)]):
         path = os.path.expanduser(path)
     spec = ModelSpec(
         name=name,
@@ -282,16 +288,29 @@ def _model(node: Node, hosts: dict[str, HostSpec], base_dir: Path) -> ModelSpec:
         engine_args=_engine_args(node.child("engine_args")),
         env=_env(node.child("env")),
         source=source,
+        slurm_replicas=slurm_replicas,
     )
     node.done()
     return spec
 
 
-def _replicas(node: Node, hosts: dict[str, HostSpec], device: str) -> tuple[ReplicaSpec, ...]:
+def _replicas(
+    node: Node, hosts: dict[str, HostSpec], device: str
+) -> tuple[tuple[ReplicaSpec, ...], tuple[SlurmReplicaSpec, ...]]:
     replicas: list[ReplicaSpec] = []
+    slurm: list[SlurmReplicaSpec] = []
     for r in node.elements(allow_empty=False):
         r.mapping()
         host = _host_of(r, "host", hosts)
+        if host.slurm is not None:
+            for key in ("port", "gpus"):
+                if r.has(key):
+                    raise r.error(f"a Slurm replica takes no {key} (its job picks it; GPUs: gres)", key)
+            slurm.append(SlurmReplicaSpec(host.name, parse_slurm(r.child("slurm"), host.slurm)))
+            r.done()
+            continue
+        if r.has("slurm"):
+            raise r.error(f"only for replicas on a connect: slurm host ({host.name!r} is not)", "slurm")
         # Port 0 stands for "not given": the default is picked per host once every port is known.
         port = _port(r, "port", 0) if r.has("port") else 0
         gpus = tuple(g.scalar(int) for g in r.child("gpus").elements())
@@ -303,7 +322,7 @@ def _replicas(node: Node, hosts: dict[str, HostSpec], device: str) -> tuple[Repl
             raise r.error(f"device {device!r} takes no GPUs (set device: cuda)", "gpus")
         r.done()
         replicas.append(ReplicaSpec(host.name, port, gpus))
-    return tuple(replicas)
+    return tuple(replicas), tuple(slurm)
 
 
 def _engine_args(node: Node) -> tuple[tuple[str, EngineValue], ...]:

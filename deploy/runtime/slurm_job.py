@@ -1,0 +1,120 @@
+"""``python -m deploy.runtime.slurm_job``: a worker replica as the main process of a Slurm batch job.
+
+Usage (the batch script ``llm-deploy up`` writes ``exec``s this, so Slurm's batch signals reach it)::
+
+    python -m deploy.runtime.slurm_job --controller-address URL --url-file PATH
+        -- <deploy.runtime.model_worker flags, without --host/--port/--worker-address>
+
+On the node Slurm allocated it:
+
+1. picks the node's cluster address: the source address of its route to the controller (never
+   loopback: FastChat #2810, a worker advertising 127.0.0.1 is unreachable);
+2. picks a free port on that address;
+3. writes ``{"job_id", "node", "url"}`` to ``--url-file`` (storage the login node shares), so
+   ``llm-deploy status`` and ``up`` know where the replica is;
+4. runs :mod:`deploy.runtime.model_worker` bound to that address and port, registering at that
+   URL (with ``--registration-secret-file``: the controller cannot list the URL in advance).
+
+``SIGUSR1`` (``sbatch --signal=B:USR1@<grace>``, sent before the time limit) shuts the worker
+down gracefully: uvicorn stops accepting, finishes the requests it runs, and exits; the worker
+stops heart-beating, so the controller drops it after its heartbeat expiry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import urllib.parse
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from deploy.runtime._entry import fail
+
+__all__ = ["main", "node_address"]
+
+COMPONENT = "slurm_job"
+logger = logging.getLogger(f"deploy.runtime.{COMPONENT}")
+
+
+def node_address(controller_address: str) -> str:
+    """This node's address on the route to the controller (a UDP connect sends nothing)."""
+    parsed = urllib.parse.urlsplit(controller_address)
+    if not parsed.hostname:
+        raise ValueError(f"--controller-address {controller_address!r}: no host")
+    family = socket.AF_INET6 if ":" in parsed.hostname else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((parsed.hostname, parsed.port or 80))
+        address = str(probe.getsockname()[0])
+    if ipaddress.ip_address(address).is_loopback:
+        raise ValueError(
+            f"this node reaches the controller {controller_address} over loopback ({address}): "
+            "the controller must bind an address the compute nodes reach"
+        )
+    return address
+
+
+def free_port(address: str) -> int:
+    """A port free on ``address`` now (the worker binds it a moment later)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+def _write_url_file(path: Path, url: str) -> None:
+    record = {
+        "job_id": os.environ.get("SLURM_JOB_ID", ""),
+        "node": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
+        "url": url,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _drain(signum: int, frame: FrameType | None) -> None:
+    logger.warning("time limit near (SIGUSR1): finishing running requests, then exiting")
+    # uvicorn's graceful shutdown: stop accepting, wait for running requests, exit.
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Pick address and port, record them, run the worker; never returns."""
+    parser = argparse.ArgumentParser(prog="python -m deploy.runtime.slurm_job", allow_abbrev=False)
+    parser.add_argument("--controller-address", required=True)
+    parser.add_argument("--url-file", type=Path, required=True)
+    parser.add_argument("worker_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    rest = list(args.worker_args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    for flag in ("--host", "--port", "--worker-address"):
+        if flag in rest:
+            fail(COMPONENT, f"{flag} is picked by the job; do not pass it")
+    try:
+        address = node_address(args.controller_address)
+        port = free_port(address)
+    except (OSError, ValueError) as exc:
+        fail(COMPONENT, f"cannot pick this node's address and port: {exc}")
+    url = f"http://{address}:{port}" if ":" not in address else f"http://[{address}]:{port}"
+    try:
+        _write_url_file(args.url_file, url)
+    except OSError as exc:
+        fail(COMPONENT, f"cannot write {args.url_file} (is the state dir on shared storage?): {exc}")
+    signal.signal(signal.SIGUSR1, _drain)
+    sys.stderr.write(f"{COMPONENT}: job {os.environ.get('SLURM_JOB_ID', '?')} serves at {url}\n")
+    from deploy.runtime import model_worker
+
+    worker_argv = [*rest, "--host", address, "--port", str(port), "--worker-address", url]
+    model_worker.main([*worker_argv, "--controller-address", args.controller_address])
+
+
+if __name__ == "__main__":
+    main()
