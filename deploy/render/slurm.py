@@ -124,12 +124,15 @@ def batch_script(spec: ClusterSpec, model: ModelSpec, index: int, replica: Slurm
         *("--conv-template", model.conv_template, "--device", model.device),
         *("--heartbeat-interval", str(spec.controller.heartbeat_interval)),
         *("--allowed-clients-file", files.allowed_clients),
-        *("--registration-secret-file", files.secret),
         *engine_flags(model.engine_args),
     ]
+    # The replacement gets most of the grace to start; the rest is for draining.
+    wait = max(5, replica.slurm.signal_grace - 30)
     command = [
         host.python, "-m", "deploy.runtime.slurm_job",
-        "--controller-address", controller_url(spec), "--url-file", files.url, "--", *worker,
+        "--controller-address", controller_url(spec), "--url-file", files.url,
+        "--registration-secret-file", files.secret, "--resubmit-script", files.script,
+        "--records-file", f"{slurm_dir(host)}/jobs.json", "--drain-wait", str(wait), "--", *worker,
     ]  # fmt: skip
     lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in _sbatch_options(spec, replica, name, files))]
     lines.append(f"# llm-deploy: cluster {spec.name}, replica {name} of model {model.name} (written by up)")

@@ -111,6 +111,16 @@ class WorkerAllowlist:
             return "client address not in the allowed hosts"
         return None
 
+    def not_own(self, worker_url: object, client_host: str | None) -> str | None:
+        """Why ``client_host`` may not act for ``worker_url`` (None: the URL is on its address)."""
+        host = (
+            urllib.parse.urlsplit(normalize_url(worker_url)).hostname if isinstance(worker_url, str) else None
+        )
+        client = parse_address(client_host)
+        if client is None or (client not in LOOPBACK and parse_address(host) != client):
+            return "a worker may act only for a URL on its own address"
+        return None
+
     def _token_refusal(self, worker_url: str, client_host: str | None, token: str | None) -> str | None:
         if not token or not self.tokens:
             return "worker URL not in the allowed workers"

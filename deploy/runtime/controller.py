@@ -20,7 +20,8 @@ Differences from ``python -m fastchat.serve.controller``:
   (:mod:`deploy.runtime.activecheck`);
 - with ``--allowed-workers-file``, ``/register_worker`` refuses unlisted worker URLs and
   client addresses with 403 (upstream lets anyone register any URL); a Slurm job registers its
-  own address with a per-replica secret instead (see :mod:`deploy.runtime.allowlist`);
+  own address with a per-replica secret instead (see :mod:`deploy.runtime.allowlist`), and
+  ``POST /drain_worker`` lets a worker take itself out of rotation before it stops;
 - no log file of its own: everything goes to stdout/stderr.
 """
 
@@ -132,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     _add_list_workers(app, fastchat_controller, check)
     if args.allowed_workers_file is not None:
         _guard_registration(app, args.allowed_workers_file)
+        _add_drain_worker(app, fastchat_controller, args.allowed_workers_file)
     logger.info(
         "controller: dispatch %s, heartbeat expiration %d s, registration %s, active check %s",
         args.dispatch_method,
@@ -184,6 +186,44 @@ def _guard_registration(app: Any, allowlist_path: Path) -> None:
 
     # A plain Starlette route: FastAPI would read its parameters from the (string) annotations.
     routes[routes.index(original)] = Route("/register_worker", register_worker, methods=["POST"])
+
+
+def _add_drain_worker(app: Any, fastchat_controller: Any, allowlist_path: Path) -> None:
+    """``POST /drain_worker {"worker_name": url}``: a worker takes itself out of rotation at once.
+
+    Allowed only for a worker that may register (listed, or with its secret) and asks for its
+    own URL from that URL's address; used by Slurm jobs nearing their time limit.
+    """
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    async def drain_worker(request: Request) -> Response:
+        client = request.client.host if request.client else None
+        try:
+            data = await request.json()
+            worker_url = data.get("worker_name") if isinstance(data, dict) else None
+        except ValueError:
+            worker_url = None
+        token = request.headers.get(REGISTRATION_HEADER)
+        try:
+            allowlist = WorkerAllowlist.load(allowlist_path)
+            reason = allowlist.refusal(worker_url, client, token) or allowlist.not_own(worker_url, client)
+        except StartupError as exc:
+            reason = f"allowlist unusable: {exc}"
+        if reason is not None:
+            logger.warning("refused /drain_worker of %r from %s: %s", worker_url, client, reason)
+            return JSONResponse({"detail": reason}, status_code=403)
+        registry = fastchat_controller.controller
+        removed = worker_url in registry.worker_info
+        if removed:
+            registry.remove_worker(worker_url)
+        logger.info(
+            "drained %s: out of rotation (%s)", worker_url, "removed" if removed else "was not registered"
+        )
+        return JSONResponse({"removed": removed})
+
+    app.router.routes.append(Route("/drain_worker", drain_worker, methods=["POST"]))
 
 
 if __name__ == "__main__":

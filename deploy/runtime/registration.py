@@ -9,15 +9,18 @@ the controller accepts it when the secret's digest is listed (:mod:`deploy.runti
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
 from deploy.runtime.allowlist import REGISTRATION_HEADER
 from deploy.runtime.errors import ConfigFileError
 
-__all__ = ["patch_registration", "read_secret"]
+__all__ = ["DRAINING", "patch_registration", "read_secret"]
 
 logger = logging.getLogger("deploy.runtime.model_worker.registration")
+# Set once the worker left rotation to stop: the heartbeat must not register it again.
+DRAINING = threading.Event()
 
 
 def read_secret(path: Path, flag: str = "--registration-secret-file") -> str:
@@ -44,6 +47,9 @@ def patch_registration(base_model_worker: Any, secret: str) -> None:
     def register_to_controller(worker: Any) -> None:
         import requests
 
+        if DRAINING.is_set():
+            logger.info("draining: not registering %s again", worker.worker_addr)
+            return
         logger.info("registering %s with the controller (with its registration secret)", worker.worker_addr)
         data = {
             "worker_name": worker.worker_addr,

@@ -3,7 +3,8 @@
 Usage (the batch script ``llm-deploy up`` writes ``exec``s this, so Slurm's batch signals reach it)::
 
     python -m deploy.runtime.slurm_job --controller-address URL --url-file PATH
-        -- <deploy.runtime.model_worker flags, without --host/--port/--worker-address>
+        --registration-secret-file PATH [--resubmit-script PATH --records-file PATH]
+        [--drain-wait SECONDS] -- <deploy.runtime.model_worker flags, without --host/--port/--worker-address>
 
 On the node Slurm allocated it:
 
@@ -15,9 +16,9 @@ On the node Slurm allocated it:
 4. runs :mod:`deploy.runtime.model_worker` bound to that address and port, registering at that
    URL (with ``--registration-secret-file``: the controller cannot list the URL in advance).
 
-``SIGUSR1`` (``sbatch --signal=B:USR1@<grace>``, sent before the time limit) shuts the worker
-down gracefully: uvicorn stops accepting, finishes the requests it runs, and exits; the worker
-stops heart-beating, so the controller drops it after its heartbeat expiry.
+``SIGUSR1`` (``sbatch --signal=B:USR1@<grace>``, sent before the time limit) starts the hand-over
+of :mod:`deploy.runtime.drain`: a replacement job first, then out of rotation, then a graceful
+stop that finishes the running requests.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ import sys
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from deploy.runtime._entry import fail
+from deploy.runtime.errors import StartupError
 
 __all__ = ["main", "node_address"]
 
@@ -79,23 +80,21 @@ def _write_url_file(path: Path, url: str) -> None:
     tmp.replace(path)
 
 
-def _drain(signum: int, frame: FrameType | None) -> None:
-    logger.warning("time limit near (SIGUSR1): finishing running requests, then exiting")
-    # uvicorn's graceful shutdown: stop accepting, wait for running requests, exit.
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Pick address and port, record them, run the worker; never returns."""
     parser = argparse.ArgumentParser(prog="python -m deploy.runtime.slurm_job", allow_abbrev=False)
     parser.add_argument("--controller-address", required=True)
     parser.add_argument("--url-file", type=Path, required=True)
+    parser.add_argument("--registration-secret-file", type=Path, required=True)
+    parser.add_argument("--resubmit-script", type=Path, help="submitted again at SIGUSR1 (the replacement)")
+    parser.add_argument("--records-file", type=Path, help="jobs.json: where the replacement's id is recorded")
+    parser.add_argument("--drain-wait", type=float, default=120.0, help="seconds to wait for the replacement")
     parser.add_argument("worker_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     rest = list(args.worker_args)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    for flag in ("--host", "--port", "--worker-address"):
+    for flag in ("--host", "--port", "--worker-address", "--registration-secret-file"):
         if flag in rest:
             fail(COMPONENT, f"{flag} is picked by the job; do not pass it")
     try:
@@ -108,11 +107,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         _write_url_file(args.url_file, url)
     except OSError as exc:
         fail(COMPONENT, f"cannot write {args.url_file} (is the state dir on shared storage?): {exc}")
-    signal.signal(signal.SIGUSR1, _drain)
+    from deploy.runtime.drain import Drain
+    from deploy.runtime.registration import read_secret
+
+    try:
+        secret = read_secret(args.registration_secret_file)
+    except StartupError as exc:
+        fail(COMPONENT, str(exc))
+    name = os.environ.get("LLM_DEPLOY_COMPONENT", "worker")
+    drain = Drain(
+        name, args.controller_address, url, secret, args.url_file,
+        args.resubmit_script, args.records_file, args.drain_wait,
+    )  # fmt: skip
+    signal.signal(signal.SIGUSR1, drain.on_signal)
     sys.stderr.write(f"{COMPONENT}: job {os.environ.get('SLURM_JOB_ID', '?')} serves at {url}\n")
     from deploy.runtime import model_worker
 
     worker_argv = [*rest, "--host", address, "--port", str(port), "--worker-address", url]
+    worker_argv += ["--registration-secret-file", str(args.registration_secret_file)]
     model_worker.main([*worker_argv, "--controller-address", args.controller_address])
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -183,6 +184,52 @@ def test_scancel_takes_a_job_out_and_the_next_up_resubmits_it(cluster: SlurmDepl
     assert after["slurm-tiny-0"] != victim and after["slurm-tiny-1"] == jobs["slurm-tiny-1"]
     assert len(list_workers(cluster)) == 2
     assert completion(cluster)
+
+
+def test_walltime_signal_hands_over_with_no_failed_request(cluster: SlurmDeploy) -> None:
+    old = cluster.recorded_jobs()["slurm-tiny-1"]
+    old_url = next(u for u in list_workers(cluster) if cluster.bed.hosts.hosts["w2"] in u)
+    served: list[float] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                completion(cluster)
+                served.append(time.monotonic())
+            except Exception as exc:  # every failure counts, whatever its kind
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        # What Slurm sends at --signal=B:USR1@<grace>: USR1 to the batch step's main process.
+        signalled = cluster.bed.slurm.run(["scancel", "--batch", "--signal=USR1", old])
+        assert signalled.returncode == 0, signalled.stderr
+        started = time.monotonic()
+
+        def handed_over() -> str | None:
+            new = cluster.recorded_jobs().get("slurm-tiny-1", old)
+            state = cluster.squeue().get(old, ("GONE", ""))[0]
+            workers = list_workers(cluster)
+            done = new != old and state not in ("RUNNING", "COMPLETING") and old_url not in workers
+            return new if done and len(workers) == 2 else None
+
+        new = poll_until(handed_over, seconds=180, what="the replacement job to take over", max_interval=1.0)
+        print(f"walltime hand-over: job {old} -> {new} in {time.monotonic() - started:.1f}s")
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert failures == [], failures[:5]
+    assert len(served) > 10
+    assert cluster.squeue()[new][0] == "RUNNING"
+    again = cluster.cli("up", str(cluster.spec), "--output-dir", str(cluster.out))
+    assert again.exit_code == 0, again.output
+    assert "submitted" not in again.output  # the replacement is recorded: nothing to resubmit
 
 
 def test_down_cancels_the_jobs_and_leaves_no_process(cluster: SlurmDeploy) -> None:
