@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from deploy.errors import ComponentFailed, DeployError, PreflightError
+from deploy.errors import ComponentFailed, DeployError
 from deploy.hosts.connector import CommandResult
 from deploy.hosts.group import Hosts, on_hosts
 from deploy.polling import DeadlineExceeded, poll_until
@@ -40,9 +40,9 @@ from deploy.render.slurm import (
     tokens_content,
 )
 from deploy.report import Progress, Reporter
-from deploy.spec.model import ClusterSpec, ModelSpec, SlurmReplicaSpec, SlurmSpec
+from deploy.spec.model import ClusterSpec, ModelSpec, SlurmReplicaSpec
 
-__all__ = ["JobView", "cancel", "observe_jobs", "preflight", "prepare", "submit", "wait_serving"]
+__all__ = ["JobView", "cancel", "observe_jobs", "prepare", "submit", "wait_serving"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,8 @@ class JobView:
 
     @property
     def live(self) -> bool:
-        """Whether the recorded job is queued or running (not ended, not forgotten by Slurm)."""
-        return self.info is not None and not self.info.ended
+        """Whether the recorded job is queued or running (not ending, ended, or forgotten by Slurm)."""
+        return self.info is not None and not self.info.ended and self.info.state != "COMPLETING"
 
     def describe(self) -> str:
         """``job 12 RUNNING on w1, 0:59:10 left, http://10.0.0.3:41234``."""
@@ -309,55 +309,3 @@ def cancel(hosts: Hosts, *, timeout: float = 60.0) -> list[str]:
         return ids
 
     return [i for ids in on_hosts("scancel", _logins(spec), on_login).values() for i in ids]
-
-
-def preflight(hosts: Hosts) -> list[str]:
-    """Slurm checks on each login node: commands, partition, ``sbatch --test-only``, model path.
-
-    Returns one line per check passed.
-
-    Raises:
-        PreflightError: the first check that failed, with what to do.
-    """
-    spec = hosts.spec
-    lines = []
-    checked: set[str] = set()
-    for r in _replicas(spec):
-        host, s = r.spec.host, r.spec.slurm
-        if host not in checked:
-            checked.add(host)
-            script = "for c in sbatch squeue scancel sinfo; do command -v $c || exit 1; done"
-            found = _run(hosts, host, ["sh", "-c", script])
-            if not found.ok:
-                raise PreflightError(
-                    f"{host}: sbatch, squeue, scancel and sinfo must all be on the login node's PATH",
-                    hint=f"set hosts.{host}.slurm.env (PATH, SLURM_CONF) or load the site's slurm module",
-                )
-        if s.partition:
-            found = _run(hosts, host, ["sinfo", "-h", "-p", s.partition, "-o", "%P"])
-            if not found.ok or not found.stdout.strip():
-                raise PreflightError(
-                    f"{host}: Slurm has no partition {s.partition!r} ({r.name})",
-                    hint="`sinfo -s` on the login node lists the partitions",
-                )
-        argv = ["sbatch", "--test-only", "--nodes=1", "--ntasks=1", *_test_options(s), "--wrap", "true"]
-        tried = _run(hosts, host, argv)
-        if not tried.ok:
-            raise PreflightError(
-                f"{host}: Slurm would refuse the job of {r.name}: {tried.tail(2)}",
-                hint="check the replica's slurm: account, qos, partition, gres, time",
-            )
-        path = spec.host(host).path(r.model.path)
-        if not hosts.agents[host].one({"op": "stat", "path": f"{path}/config.json"})["exists"]:
-            raise PreflightError(
-                f"{host}: model path {path} is not visible from the login node ({r.name})",
-                hint="weights must be on storage the login node and the compute nodes share",
-            )
-        lines.append(f"{r.name}: accepted by sbatch --test-only")
-    return lines
-
-
-def _test_options(s: SlurmSpec) -> list[str]:
-    given = {"partition": s.partition, "account": s.account, "qos": s.qos, "gres": s.gres}
-    given |= {"time": s.time, "nodelist": s.nodes}
-    return [f"--{flag}={value}" for flag, value in given.items() if value]

@@ -9,10 +9,13 @@ the controller accepts it when the secret's digest is listed (:mod:`deploy.runti
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from deploy.polling import poll_until
 from deploy.runtime.allowlist import REGISTRATION_HEADER
 from deploy.runtime.errors import ConfigFileError
 
@@ -41,15 +44,28 @@ def read_secret(path: Path, flag: str = "--registration-secret-file") -> str:
     return secret
 
 
-def patch_registration(base_model_worker: Any, secret: str) -> None:
-    """Make FastChat's ``BaseModelWorker.register_to_controller`` send ``secret`` in a header."""
+def _listening(worker_addr: str) -> bool:
+    parsed = urllib.parse.urlsplit(worker_addr)
+    try:
+        with socket.create_connection((parsed.hostname or "", parsed.port or 80), timeout=2):
+            return True
+    except OSError:
+        return False
 
-    def register_to_controller(worker: Any) -> None:
+
+def patch_registration(base_model_worker: Any, secret: str, *, bind_timeout: float = 300.0) -> None:
+    """Make FastChat's ``BaseModelWorker.register_to_controller`` send ``secret`` in a header.
+
+    And register only once the worker's port accepts connections: FastChat registers in the
+    worker's constructor, before uvicorn binds, so a worker that joins a serving cluster (a
+    Slurm replacement job) would be routed requests it cannot take yet. The constructor's call
+    registers from a thread once the port answers; until then the heartbeat does not register.
+    """
+    deferred = threading.Event()
+
+    def post(worker: Any) -> None:
         import requests
 
-        if DRAINING.is_set():
-            logger.info("draining: not registering %s again", worker.worker_addr)
-            return
         logger.info("registering %s with the controller (with its registration secret)", worker.worker_addr)
         data = {
             "worker_name": worker.worker_addr,
@@ -60,5 +76,27 @@ def patch_registration(base_model_worker: Any, secret: str) -> None:
         url = worker.controller_addr + "/register_worker"
         answer = requests.post(url, json=data, headers={REGISTRATION_HEADER: secret}, timeout=30)
         assert answer.status_code == 200, f"registration refused: HTTP {answer.status_code}"
+
+    def when_listening(worker: Any) -> None:
+        try:
+            poll_until(
+                lambda: True if _listening(worker.worker_addr) else None,
+                seconds=bind_timeout, what=f"{worker.worker_addr} to accept connections", max_interval=0.5,
+            )  # fmt: skip
+            if not DRAINING.is_set():
+                post(worker)
+        except Exception as exc:  # the heartbeat registers it at a later beat
+            logger.error("first registration failed (retried at the next heartbeat): %r", exc)
+
+    def register_to_controller(worker: Any) -> None:
+        if DRAINING.is_set():
+            logger.info("draining: not registering %s again", worker.worker_addr)
+            return
+        if not deferred.is_set():
+            deferred.set()
+            threading.Thread(target=when_listening, args=(worker,), name="register", daemon=True).start()
+            return
+        if _listening(worker.worker_addr):
+            post(worker)
 
     base_model_worker.BaseModelWorker.register_to_controller = register_to_controller

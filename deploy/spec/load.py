@@ -276,6 +276,8 @@ def _model(node: Node, hosts: dict[str, HostSpec], base_dir: Path) -> ModelSpec:
         path = str((base_dir / path).resolve())
     replicas_node = node.child("replicas")
     replicas, slurm_replicas = _replicas(replicas_node, hosts, device)
+    if slurm_replicas and kind != "hf":
+        raise node.error(f"Slurm replicas run the hf kind only for now, not {kind!r} (docs/slurm.md)", "kind")
     if all(hosts[h].is_local for h in [*(r.host for r in replicas), *(r.host for r in slurm_replicas)]):
         path = os.path.expanduser(path)
     spec = ModelSpec(

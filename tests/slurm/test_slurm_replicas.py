@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from slurm_clusters import SlurmBed, SlurmDeploy, write_slurm_cluster
 
 from deploy.polling import poll_until
@@ -78,7 +79,7 @@ def test_up_runs_each_replica_as_a_job_on_its_own_node(cluster: SlurmDeploy) -> 
     result = cluster.cli("up", str(cluster.spec), "--output-dir", str(cluster.out))
     assert result.exit_code == 0, result.output
     print(f"up with two Slurm replicas: {time.monotonic() - started:.1f}s")
-    for phase in ("✓ slurm preflight", "✓ start controller", "✓ slurm jobs", "✓ health"):
+    for phase in ("✓ doctor", "✓ slurm secrets", "✓ start controller", "✓ slurm jobs", "✓ health"):
         assert phase in result.output, result.output
     jobs = cluster.recorded_jobs()
     assert set(jobs) == {"slurm-tiny-0", "slurm-tiny-1"}
@@ -148,6 +149,59 @@ def _register_from(c: SlurmDeploy, host: str, worker_url: str, secret: str | Non
     argv = c.bed.hosts.in_host(host, ["/usr/bin/python3", "-c", code, controller, worker_url])
     done = subprocess.run(argv, input=secret or "", capture_output=True, text=True, timeout=30, check=True)
     return int(done.stdout.strip())
+
+
+def test_doctor_checks_the_slurm_login_node(cluster: SlurmDeploy, tmp_path: Path) -> None:
+    result = cluster.cli("doctor", str(cluster.spec))
+    assert result.exit_code == 0, result.output
+    for row in ("slurm commands", "slurm partition", "slurm job accepted", "slurm model path"):
+        assert re.search(rf"✓ .*{row}|{row}.*✓", result.output) or row in result.output, result.output
+    bad = yaml.safe_load(cluster.spec.read_text())
+    bad["hosts"]["login"]["slurm"]["partition"] = "nope"
+    bad_spec = tmp_path / "bad.yaml"
+    bad_spec.write_text(yaml.safe_dump(bad))
+    refused = cluster.cli("doctor", str(bad_spec))
+    assert refused.exit_code == 1, refused.output
+    assert "no partition 'nope'" in refused.output, refused.output
+
+
+def test_a_job_waits_through_pending_with_its_reason_shown(cluster: SlurmDeploy) -> None:
+    from deploy import api
+    from deploy.report import RecordingReporter
+    from deploy.spec.load import load_cluster_spec
+
+    victim = cluster.recorded_jobs()["slurm-tiny-0"]
+    assert cluster.bed.slurm.run(["scancel", victim]).returncode == 0
+    # A job that needs all of w1 queues first: the replacement has to wait for it.
+    cpus = str(os.cpu_count() or 1)
+    blocker = cluster.bed.slurm.run(["sbatch", "--parsable", "-w", "w1", "-c", cpus, "--wrap", "sleep 600"])
+    assert blocker.returncode == 0, blocker.stderr
+    blocker_id = blocker.stdout.strip()
+    reporter = RecordingReporter()
+    outcome: list[object] = []
+
+    def run_up() -> None:
+        try:
+            outcome.append(api.up(load_cluster_spec(cluster.spec), reporter=reporter, output_dir=cluster.out))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run_up)
+    thread.start()
+    try:
+
+        def pending_shown() -> str | None:
+            details = [p.detail for update in reporter.progress_updates for p in update]
+            return next((d for d in details if "PENDING (" in d), None)
+
+        shown = poll_until(pending_shown, seconds=120, what="a PENDING progress line")
+        assert re.search(r"job \d+ PENDING \((Resources|Priority|ReqNodeNotAvail|Nodes)", shown), shown
+    finally:
+        cluster.bed.slurm.run(["scancel", blocker_id])
+        thread.join(timeout=280)
+    assert outcome and not isinstance(outcome[0], Exception), outcome
+    assert len(list_workers(cluster)) == 2
+    assert completion(cluster)
 
 
 def test_foreign_registrations_are_refused(cluster: SlurmDeploy) -> None:

@@ -91,6 +91,13 @@ def test_bad_slurm_keys_name_their_yaml_path(replica: dict[str, Any], path: str,
     assert problem in str(info.value)
 
 
+def test_slurm_replicas_refuse_the_vllm_kinds_for_now() -> None:
+    data = slurm_spec()
+    data["models"][0]["kind"] = "vllm"
+    with pytest.raises(SpecError, match=r"models\[0\]\.kind: Slurm replicas run the hf kind only"):
+        parse(data)
+
+
 def test_slurm_block_only_on_slurm_hosts() -> None:
     data = slurm_spec()
     data["hosts"]["head"]["slurm"] = {"partition": "x"}
