@@ -189,8 +189,12 @@ def start(
     name = f"al{bed.run_id}"
     cluster = SlurmCluster(d, name, controller, {n: bed.hosts[n] for n in nodes}, d / "slurm.conf")
     cluster.conf.write_text(_conf(name, d, (controller, bed.hosts[controller]), cluster.nodes))
-    # Read from slurm.conf's directory; autodetection would look for a systemd hierarchy.
-    (d / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\n")
+    # cgroup.conf is read from slurm.conf's directory. Autodetection would look for a systemd
+    # hierarchy; v2-only machines get cgroup/v2 without systemd (not exercised here: v1 machine).
+    v1 = bool(_v1_controllers())
+    (d / "cgroup.conf").write_text(
+        "CgroupPlugin=cgroup/v1\n" if v1 else "CgroupPlugin=cgroup/v2\nIgnoreSystemd=yes\n"
+    )
     key = d / "munge" / "munge.key"
     key.write_bytes(os.urandom(1024))
     os.chmod(key, 0o400)
@@ -217,9 +221,11 @@ def _in_host(bed: Testbed, host: str, argv: Sequence[str], *, cgroups: bool = Fa
         # `ip netns exec` mounts a fresh /sys without the cgroup tree, which slurmd 22.05 loads
         # even with proctrack/linuxproc: mount the machine's v1 hierarchies again (in the private
         # mount namespace `ip netns exec` made, so nothing leaks).
-        script += "mount -t tmpfs cgroup_root /sys/fs/cgroup && for c in $CGROUPS; do "
+        script += (
+            'if [ -n "$CGROUPS" ]; then mount -t tmpfs cgroup_root /sys/fs/cgroup && for c in $CGROUPS; do '
+        )
         script += "mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c || exit 1; "
-        script += "done && unset CGROUPS && "
+        script += "done; else mount -t cgroup2 cgroup2 /sys/fs/cgroup; fi && unset CGROUPS && "
     script += 'exec "$@"'
     return bed.in_host(host, ["unshare", "--uts", "sh", "-c", script, "sh", host, *argv])
 

@@ -103,8 +103,11 @@ def test_jobs_register_their_node_address_on_a_picked_port(cluster: SlurmDeploy)
     secret_file = cluster.root / "state-login" / "slurm" / "slurm-tiny-0.secret"
     assert secret_file.stat().st_mode & 0o777 == 0o600
     secret = secret_file.read_text().strip()
-    for path in (cluster.root / "state-login" / "slurm").iterdir():
-        if path != secret_file:
+    for path in [
+        *(cluster.root / "state-login" / "slurm").iterdir(),
+        *(cluster.root / "state-head").rglob("*"),
+    ]:
+        if path != secret_file and path.is_file():
             assert secret not in path.read_text(errors="replace"), path
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -213,6 +216,16 @@ def test_foreign_registrations_are_refused(cluster: SlurmDeploy) -> None:
     assert _register_from(cluster, "w2", f"http://{addresses['w1']}:45678", secret) == 403
     assert _register_from(cluster, "w1", f"http://{addresses['head']}:21001", secret) == 403
     assert not any(":45678" in u for u in list_workers(cluster))
+    # The job's worker answers generation only to the controller's and API server's hosts.
+    w1_url = next(u for u in list_workers(cluster) if addresses["w1"] in u)
+    probe = (
+        "import sys,urllib.request,urllib.error\n"
+        "r=urllib.request.Request(sys.argv[1]+'/worker_generate',b'{}',{'Content-Type':'application/json'})\n"
+        "try:\n    print(urllib.request.urlopen(r,timeout=10).status)\n"
+        "except urllib.error.HTTPError as e:\n    print(e.code)\n"
+    )
+    argv = cluster.bed.hosts.in_host("w2", ["/usr/bin/python3", "-c", probe, w1_url])
+    assert subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip() == "403"
 
 
 def test_scancel_takes_a_job_out_and_the_next_up_resubmits_it(cluster: SlurmDeploy) -> None:
