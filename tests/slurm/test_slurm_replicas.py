@@ -177,7 +177,9 @@ def test_a_job_waits_through_pending_with_its_reason_shown(cluster: SlurmDeploy)
     assert cluster.bed.slurm.run(["scancel", victim]).returncode == 0
     # A job that needs all of w1 queues first: the replacement has to wait for it.
     cpus = str(os.cpu_count() or 1)
-    blocker = cluster.bed.slurm.run(["sbatch", "--parsable", "-w", "w1", "-c", cpus, "--wrap", "sleep 600"])
+    blocker = cluster.bed.slurm.run(
+        ["sbatch", "--parsable", "-w", "w1", "-c", cpus, "-o", "/dev/null", "--wrap", "sleep 600"]
+    )
     assert blocker.returncode == 0, blocker.stderr
     blocker_id = blocker.stdout.strip()
     reporter = RecordingReporter()
