@@ -34,6 +34,7 @@ from deploy.orchestration.plan import (
 )
 from deploy.render.components import Component, host_paths
 from deploy.render.supervisord import state_files
+from deploy.render.vllm.versions import check_vllm_serve_version
 from deploy.report import Reporter
 from deploy.security.hostkeys import read_key_store
 from deploy.security.keystore import KeyStore
@@ -82,7 +83,7 @@ def ensure_models(hosts: Hosts, reporter: Reporter) -> None:
         built = []
         for host, path in sorted(wanted):
             agent = hosts.agents[host]
-            if agent.one({"op": "stat", "path": f"{path}/config.json"})["exists"]:
+            if agent.stat(f"{path}/config.json")["exists"]:
                 continue
             result = agent.connector.run([agent.python, "-m", "deploy.runtime.tiny_model", path], timeout=600)
             if not result.ok:
@@ -113,6 +114,16 @@ def preflight(hosts: Hosts, plan: Plan) -> int:
                 hint=f"use a shorter hosts.{host}.state_dir",
             )
         components = to_check.get(host, [])
+        if any(c.role == "engine" for c in components):
+            h = spec.host(host)
+            installed = h.vllm
+            try:
+                check_vllm_serve_version(installed.version if installed else None, host=host)
+            except PreflightError as exc:
+                raise PreflightError(
+                    f"{exc.message} (vllm_python: {h.engine_python})",
+                    hint=f"{exc.hint}; or point hosts.{host}.vllm_python at a Python that has it",
+                ) from None
         answers = hosts.agents[host].call(
             [{"op": "bindable", "address": c.bind, "port": c.port} for c in components]
         )
@@ -191,9 +202,10 @@ def served_models(
     A model served only by Slurm jobs is asked through its first job's worker.
     """
     spec = hosts.spec
+    # Workers only: a vllm replica's engine (vLLM itself, on loopback) has no /model_details.
     firsts: dict[str, tuple[str, str, str]] = {}
     for m in spec.models:
-        c = next((c for c in components if c.model == m.name), None)
+        c = next((c for c in components if c.model == m.name and c.role == "worker"), None)
         job = next((j for j in jobs if j.model == m.name and j.url), None)
         if c is not None:
             firsts[m.name] = (c.host, c.name, c.url)
@@ -317,7 +329,10 @@ def run_up(
             jobs = slurm.wait_serving(hosts, reporter)
             phase.detail = "; ".join(f"{j.name} {j.describe()}" for j in jobs)
     with reporter.phase("health") as phase:
-        ladder.wait_components(plan.components)
+        if plan:
+            ladder.wait_components(plan.components)
+        # else everything ran with this spec a moment ago (the plan saw it): one completion per
+        # model through the API server proves the whole path, without probing each worker.
         ladder.wait_models([m.name for m in spec.models])
         cert_pem = api_certificate(hosts)
         check_api_from_here(spec.api_server.base_url, cert_pem)

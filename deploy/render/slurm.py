@@ -13,7 +13,8 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from deploy.render.components import controller_url, engine_flags, host_paths
+from deploy.render.components import _MODEL_WORKER_RESERVED, controller_url, host_paths
+from deploy.render.vllm.flags import engine_flags, model_worker_flags, pairs
 from deploy.spec.model import ClusterSpec, HostSpec, ModelSpec, SlurmReplicaSpec
 
 __all__ = [
@@ -124,7 +125,8 @@ def batch_script(spec: ClusterSpec, model: ModelSpec, index: int, replica: Slurm
         *("--conv-template", model.conv_template, "--device", model.device),
         *("--heartbeat-interval", str(spec.controller.heartbeat_interval)),
         *("--allowed-clients-file", files.allowed_clients),
-        *engine_flags(model.engine_args),
+        # Checked like a supervised hf worker's (the same reserved keys, the same recorded flags).
+        *engine_flags(pairs(model.engine_args), model_worker_flags(), _MODEL_WORKER_RESERVED),
     ]
     # The replacement gets most of the grace to start; the rest is for draining.
     wait = max(5, replica.slurm.signal_grace - 30)

@@ -4,8 +4,8 @@ On ``SIGUSR1`` (``sbatch --signal=B:USR1@<grace>``) :class:`Drain` runs once, in
 
 1. submits the replica's own batch script again (``sbatch``, from the node: Slurm clients work
    inside jobs) and records the new job id in ``jobs.json``, so ``down`` cancels it too;
-2. waits, up to ``wait`` seconds, until that job's worker is registered, so capacity does not
-   drop;
+2. waits, up to ``wait`` seconds, until that job's worker is registered (its ``.url`` record
+   says so), so capacity does not drop;
 3. takes this worker out of rotation (the controller's ``/drain_worker``) and stops its
    re-registration;
 4. waits ``settle`` seconds for requests routed just before, then stops gracefully (SIGTERM:
@@ -116,15 +116,15 @@ class Drain:
         return job
 
     def _wait_for(self, job: str) -> None:
+        # The replacement marks its record once the controller took it (the controller's own
+        # registry reads are for the cluster's hosts, not the compute nodes).
         def registered() -> bool | None:
             try:
                 record = json.loads(self.url_file.read_text())
-                if str(record.get("job_id")) != job:
-                    return None
-                workers = _post(f"{self.controller}/list_workers", {}).get("workers", {})
-            except (OSError, ValueError, AttributeError):
+            except (OSError, ValueError):
                 return None
-            return True if record.get("url") in workers else None
+            ok = isinstance(record, dict) and str(record.get("job_id")) == job and record.get("registered")
+            return True if ok else None
 
         try:
             poll_until(registered, seconds=self.wait, what=f"job {job} to register", max_interval=1.0)

@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,13 @@ from deploy.polling import poll_until
 from deploy.runtime.allowlist import REGISTRATION_HEADER
 from deploy.runtime.errors import ConfigFileError
 
-__all__ = ["DRAINING", "patch_registration", "read_secret"]
+__all__ = ["DRAINING", "ON_REGISTERED", "patch_registration", "read_secret"]
 
 logger = logging.getLogger("deploy.runtime.model_worker.registration")
 # Set once the worker left rotation to stop: the heartbeat must not register it again.
 DRAINING = threading.Event()
+# Called after every accepted registration (the Slurm job records that it serves).
+ON_REGISTERED: list[Callable[[], None]] = []
 
 
 def read_secret(path: Path, flag: str = "--registration-secret-file") -> str:
@@ -76,6 +79,8 @@ def patch_registration(base_model_worker: Any, secret: str, *, bind_timeout: flo
         url = worker.controller_addr + "/register_worker"
         answer = requests.post(url, json=data, headers={REGISTRATION_HEADER: secret}, timeout=30)
         assert answer.status_code == 200, f"registration refused: HTTP {answer.status_code}"
+        for hook in ON_REGISTERED:
+            hook()
 
     def when_listening(worker: Any) -> None:
         try:

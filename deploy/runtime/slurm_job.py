@@ -11,8 +11,9 @@ On the node Slurm allocated it:
 1. picks the node's cluster address: the source address of its route to the controller (never
    loopback: FastChat #2810, a worker advertising 127.0.0.1 is unreachable);
 2. picks a free port on that address;
-3. writes ``{"job_id", "node", "url"}`` to ``--url-file`` (storage the login node shares), so
-   ``llm-deploy status`` and ``up`` know where the replica is;
+3. writes ``{"job_id", "node", "url", "registered"}`` to ``--url-file`` (storage the login
+   node shares), so ``llm-deploy status`` and ``up`` know where the replica is, and a job
+   handing over knows when its replacement serves;
 4. runs :mod:`deploy.runtime.model_worker` bound to that address and port, registering at that
    URL (with ``--registration-secret-file``: the controller cannot list the URL in advance).
 
@@ -69,13 +70,21 @@ def free_port(address: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _write_url_file(path: Path, url: str) -> None:
+def _write_url_file(path: Path, url: str, *, registered: bool = False) -> None:
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if registered:  # only while the record is still this job's (a replacement writes its own)
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("job_id") != job:
+                return
+        except (OSError, ValueError, AttributeError):
+            return
     record = {
-        "job_id": os.environ.get("SLURM_JOB_ID", ""),
+        "job_id": job,
         "node": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
         "url": url,
+        "registered": registered,
     }
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
     tmp.replace(path)
 
@@ -120,6 +129,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.resubmit_script, args.records_file, args.drain_wait,
     )  # fmt: skip
     signal.signal(signal.SIGUSR1, drain.on_signal)
+    from deploy.runtime.registration import ON_REGISTERED
+
+    # The record says when the controller took this worker: what a predecessor's hand-over waits for.
+    ON_REGISTERED.append(lambda: _write_url_file(args.url_file, url, registered=True))
     sys.stderr.write(f"{COMPONENT}: job {os.environ.get('SLURM_JOB_ID', '?')} serves at {url}\n")
     from deploy.runtime import model_worker
 

@@ -42,7 +42,7 @@ def create_app(worker: BridgeWorker, *, allowlist: ClientAllowlist | None = None
 
     Args:
         worker: The bridge worker.
-        allowlist: When given, the generation routes answer only these client addresses and
+        allowlist: When given, every route answers only these client addresses and
             loopback (the same middleware as the hardened model_worker).
     """
 
