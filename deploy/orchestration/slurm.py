@@ -77,8 +77,9 @@ class JobView:
         if self.info is None:
             return f"job {self.job_id} gone from the queue"
         i = self.info
-        if i.state == "PENDING":
-            return f"job {self.job_id} PENDING ({i.reason})"
+        if i.state == "PENDING":  # Slurm says "None" until the scheduler has looked at the job
+            reason = i.reason if i.reason not in ("", "None") else "not scheduled yet"
+            return f"job {self.job_id} PENDING ({reason})"
         where = f" on {i.node}" if i.node else ""
         left = f", {i.time_left} left" if i.time_left and i.state == "RUNNING" else ""
         url = f", {self.url}" if self.url and i.state == "RUNNING" else ""
@@ -135,6 +136,8 @@ def prepare(hosts: Hosts) -> int:
 
     def on_login(host: str) -> list[str]:
         agent, connector = hosts.agents[host], hosts.connectors[host]
+        # Claimed like any state dir (never a system location or a folder that is not ours).
+        agent.prepare_state_dir(host_paths(spec.host(host)).state_dir)
         agent.mkdir(slurm_dir(spec.host(host)))
         found = []
         for r in (r for r in replicas if r.spec.host == host):
@@ -149,7 +152,7 @@ def prepare(hosts: Hosts) -> int:
     for found in on_hosts("slurm secrets", _logins(spec), on_login).values():
         digests += found
     head = spec.head
-    hosts.agents[head.name].mkdir(host_paths(head).state_dir)
+    hosts.agents[head.name].prepare_state_dir(host_paths(head).state_dir)
     tokens = host_paths(head).file(SLURM_TOKENS_FILE)
     hosts.connectors[head.name].put(tokens_content(digests).encode(), tokens, mode=0o600)
     return len(replicas)
