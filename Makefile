@@ -7,11 +7,11 @@ STAMP  := $(VENV)/.installed
 TINY   := .cache/models/toy-model
 PYTEST_ARGS ?=
 
-.PHONY: help venv vllm-venv system-deps demo test lint unit integration vllm multihost bench constraints clean
+.PHONY: help venv vllm-venv system-deps demo test lint unit integration vllm multihost slurm bench constraints clean
 
 help:
 	@echo "make demo   bring up the local default cluster (tiny model), query it through the generated config"
-	@echo "make test   lint + every test tier (unit, integration, vllm, multihost; gpu skips without a GPU)"
+	@echo "make test   lint + every test tier (unit, integration, vllm, multihost, slurm; gpu skips without a GPU)"
 	@echo "make vllm-venv  the vLLM engine's venv (.cache/vllm-venv, pins in constraints-vllm.txt)"
 	@echo "make bench  run the benchmarks in bench/"
 
@@ -26,7 +26,8 @@ venv: $(STAMP)
 vllm-venv: $(STAMP)
 	$(BIN)/python -m devtools.vllm_env
 
-# Debian packages the multihost tests need (sshd, ip netns); installed only when missing and root.
+# Debian packages the multihost and Slurm tests need (sshd, ip netns, slurm-wlm, munge); installed only
+# when missing and root.
 system-deps:
 	@scripts/system-deps.sh
 
@@ -40,7 +41,7 @@ test: $(STAMP) system-deps lint
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose, an empty run proves nothing"; exit 1; fi; \
 	exit $$rc
 
-unit integration vllm multihost: $(STAMP)
+unit integration vllm multihost slurm: $(STAMP)
 	$(BIN)/python -m pytest -m $@ $(PYTEST_ARGS)
 
 demo: $(STAMP)

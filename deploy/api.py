@@ -23,6 +23,7 @@ from deploy.hosts.supervisor import DownResult
 from deploy.lock import cluster_lock
 from deploy.orchestration.admission import admit
 from deploy.orchestration.plan import Plan, make_plan
+from deploy.orchestration.slurm import JobView, observe_jobs
 from deploy.orchestration.up import UpResult, run_up
 from deploy.render.components import build_components, host_paths
 from deploy.report import RecordingReporter, Reporter
@@ -30,7 +31,7 @@ from deploy.security.hostkeys import read_key_store
 from deploy.security.keystore import mask, mask_known
 from deploy.spec.model import ClusterSpec
 
-__all__ = ["doctor", "down", "follow_logs", "logs", "plan", "status", "up", "watch"]
+__all__ = ["doctor", "down", "follow_logs", "logs", "plan", "slurm_jobs", "status", "up", "watch"]
 
 Connectors = Mapping[str, Connector] | None
 
@@ -135,6 +136,12 @@ def down(
         connect(spec, connectors=connectors, allow_down=True) as hosts,
     ):
         grace = float(spec.supervision.stop_grace)
+        if spec.slurm_replicas:  # by recorded job id only: never another cluster's jobs
+            from deploy.orchestration.slurm import cancel
+
+            with reporter.phase("cancel Slurm jobs") as phase:
+                cancelled = cancel(hosts)
+                phase.detail = f"cancelled {', '.join(cancelled)}" if cancelled else "no recorded job"
         with reporter.phase("down") as phase:
             results = on_hosts(
                 "down", [h.name for h in spec.hosts], lambda h: hosts.supervisors[h].down(grace=grace)
@@ -153,6 +160,14 @@ def status(spec: ClusterSpec, *, connectors: Connectors = None) -> ClusterStatus
     """Every component's state, with a reason for anything unhealthy."""
     with connect(spec, connectors=connectors, allow_down=True) as hosts:
         return cluster_status(hosts)
+
+
+def slurm_jobs(spec: ClusterSpec, *, connectors: Connectors = None) -> list[JobView]:
+    """Each Slurm replica's recorded job: id, state, node, time left, URL (``status``)."""
+    if not spec.slurm_replicas:
+        return []
+    with connect(spec, connectors=connectors) as hosts:
+        return observe_jobs(hosts)
 
 
 def watch(

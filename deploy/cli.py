@@ -164,14 +164,34 @@ def status_command(spec: Path | None, as_json: bool) -> None:
     with _user_errors():
         cluster = _load(spec)
         result = api.status(cluster)
+        jobs = api.slurm_jobs(cluster) if cluster.slurm_replicas else []
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        data = result.to_json()
+        if jobs:
+            data["slurm_jobs"] = [_job_json(j) for j in jobs]
+        click.echo(json.dumps(data, indent=2))
     else:
         render_status(result, _console())
-    if not result.healthy:
-        bad = sum(not r.healthy for r in result.rows)
+        if jobs:
+            click.echo("\nSlurm jobs")
+            for j in jobs:
+                mark = "✓" if j.live and j.url else "✗"
+                click.echo(f"  {mark} {j.name} ({j.model}) on {j.host}: {j.describe()}")
+    dead_jobs = [j for j in jobs if not j.live]
+    if not result.healthy or dead_jobs:
+        bad = sum(not r.healthy for r in result.rows) + len(dead_jobs)
         state = "is not running" if not result.running else f"has {bad} unhealthy component(s)"
-        raise click.ClickException(f"cluster {cluster.name} {state}")
+        hint = " (`llm-deploy up` submits the missing Slurm jobs)" if dead_jobs else ""
+        raise click.ClickException(f"cluster {cluster.name} {state}{hint}")
+
+
+def _job_json(j: Any) -> dict[str, Any]:
+    info = j.info
+    return {
+        "name": j.name, "model": j.model, "login_host": j.host, "job_id": j.job_id, "url": j.url,
+        "state": info.state if info else None, "node": info.node if info else None,
+        "time_left": info.time_left if info else None, "reason": info.reason if info else None,
+    }  # fmt: skip
 
 
 @main.command("watch")

@@ -1,8 +1,9 @@
 """Shared fixtures and the test tiers.
 
 Each test's tier is the folder it lives in (``tests/unit``, ``tests/integration``,
-``tests/vllm``, ``tests/multihost``, ``tests/gpu``); the matching marker is added here, so ``pytest -m unit``
-selects a tier and a test outside those folders is an error rather than an unmarked test.
+``tests/vllm``, ``tests/multihost``, ``tests/slurm``, ``tests/gpu``); the matching marker is
+added here, so ``pytest -m unit`` selects a tier and a test outside those folders is an error
+rather than an unmarked test.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-TIERS = ("unit", "integration", "vllm", "multihost", "gpu")
+TIERS = ("unit", "integration", "vllm", "multihost", "slurm", "gpu")
 TESTS_DIR = Path(__file__).parent
 
 

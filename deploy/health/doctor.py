@@ -254,4 +254,8 @@ def run_doctor(
     checks += address_checks(spec, components)
     checks += _reachability(spec, agents, probes, components)
     checks += bind_checks(components)
+    if spec.slurm_replicas:
+        from deploy.health.slurm_checks import slurm_checks
+
+        checks += slurm_checks(spec, connectors, down)
     return DoctorReport(tuple(checks), down, probes)

@@ -5,4 +5,5 @@
 - :mod:`~deploy.orchestration.up`: the phases of ``up``;
 - :mod:`~deploy.orchestration.clientconfig`: the verified client config for ``agent_llm``;
 - :mod:`~deploy.orchestration.keychange`: adding, removing and rotating API keys.
+- :mod:`~deploy.orchestration.slurm`: Slurm replicas: secrets, submission, PENDING, cancellation.
 """

@@ -74,7 +74,7 @@ def admit(
             hint="fix the host, or set require_all_replicas: false to start the rest of the cluster degraded",
         )
     for m in spec.models:
-        if all(r.host in down for r in m.replicas):
+        if all(h in down for h in [*(r.host for r in m.replicas), *(r.host for r in m.slurm_replicas)]):
             raise DoctorFailed(
                 f"doctor: every replica of model {m.name} is on {names}, which cannot be used",
                 report.lines(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shlex
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from deploy.errors import ComponentFailed, PreflightError
 from deploy.health.ladder import Ladder
 from deploy.hosts.agent import http_op
 from deploy.hosts.group import Hosts, observe, on_hosts
+from deploy.orchestration import slurm
 from deploy.orchestration.admission import without_hosts
 from deploy.orchestration.clientconfig import ClientConfig, ServedModel, write_client_config
 from deploy.orchestration.plan import (
@@ -192,24 +194,32 @@ def start_components(hosts: Hosts, plan: Plan, names: set[str]) -> list[Componen
     return [a.component for a in actions]
 
 
-def served_models(hosts: Hosts, components: list[Component]) -> tuple[ServedModel, ...]:
-    """Each model's context length, read from its first live worker (``/model_details``)."""
+def served_models(
+    hosts: Hosts, components: list[Component], jobs: Sequence[slurm.JobView] = ()
+) -> tuple[ServedModel, ...]:
+    """Each model's context length, read from its first live worker (``/model_details``).
+
+    A model served only by Slurm jobs is asked through its first job's worker.
+    """
     spec = hosts.spec
     # Workers only: a vllm replica's engine (vLLM itself, on loopback) has no /model_details.
-    firsts = {
-        m.name: next(c for c in components if c.model == m.name and c.role == "worker") for m in spec.models
-    }
+    firsts: dict[str, tuple[str, str, str]] = {}
+    for m in spec.models:
+        c = next((c for c in components if c.model == m.name and c.role == "worker"), None)
+        job = next((j for j in jobs if j.model == m.name and j.url), None)
+        if c is not None:
+            firsts[m.name] = (c.host, c.name, c.url)
+        elif job is not None and job.url:
+            firsts[m.name] = (job.host, job.name, job.url)
     answers = hosts.head.call(
-        [http_op("POST", f"{c.url}/model_details", json_body={}) for c in firsts.values()]
+        [http_op("POST", f"{url}/model_details", json_body={}) for _h, _n, url in firsts.values()]
     )
     models = []
-    for model, worker, data in zip(spec.models, firsts.values(), answers, strict=True):
+    for model, (host, name, _url), data in zip(spec.models, firsts.values(), answers, strict=True):
         try:
             context_length = int(json.loads(data.get("body", ""))["context_length"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise ComponentFailed(
-                worker.host, worker.name, f"/model_details gave no context_length: {data}"
-            ) from exc
+            raise ComponentFailed(host, name, f"/model_details gave no context_length: {data}") from exc
         models.append(ServedModel(model.name, context_length, model.conv_template))
     return tuple(models)
 
@@ -276,6 +286,10 @@ def run_up(
         plan = make_plan(spec, observe(hosts)[0], api_key_digest=keys.digest)
         plan = without_hosts(plan, set(hosts.down))  # a degraded up leaves them alone
         phase.detail = f"{len(plan.actions)} action(s)" if plan else "nothing to change"
+    if spec.slurm_replicas:
+        # Before the controller starts: its allowlist names the secrets' digests file.
+        with reporter.phase("slurm secrets") as phase:
+            phase.detail = f"{slurm.prepare(hosts)} replica(s), digests on {spec.head.name}"
     if not plan:
         reporter.note(f"  all {len(plan.components)} components already running with this spec")
     else:
@@ -306,6 +320,14 @@ def run_up(
             started = start_components(hosts, plan, {c.name for c in others})
             ladder.wait_components(others)
             phase.detail = f"{', '.join(c.name for c in started)} started, {len(others)} ready"
+    jobs: list[slurm.JobView] = []
+    if spec.slurm_replicas:
+        with reporter.phase("slurm jobs") as phase:
+            submitted = slurm.submit(hosts)
+            for name, job in submitted.items():
+                reporter.note(f"  submitted {name}: job {job}")
+            jobs = slurm.wait_serving(hosts, reporter)
+            phase.detail = "; ".join(f"{j.name} {j.describe()}" for j in jobs)
     with reporter.phase("health") as phase:
         if plan:
             ladder.wait_components(plan.components)
@@ -315,7 +337,7 @@ def run_up(
         cert_pem = api_certificate(hosts)
         check_api_from_here(spec.api_server.base_url, cert_pem)
         phase.detail = f"{len(spec.models)} model(s) answer through {spec.api_server.base_url}"
-    models = served_models(hosts, list(plan.components))
+    models = served_models(hosts, list(plan.components), jobs)
     client = None
     if output_dir is not None:
         with reporter.phase("client config") as phase, trusting(cert_pem):

@@ -35,6 +35,8 @@ __all__ = [
 # An "engine" is a process behind a worker on the same host (``vllm serve`` behind the bridge):
 # it listens on loopback only, so nothing probes it from the head host.
 Role = Literal["controller", "api_server", "worker", "engine"]
+# On the controller's host: digests of the Slurm replicas' registration secrets (written by up).
+SLURM_TOKENS_FILE = "controller-slurm-tokens.json"
 _SECRET_FLAGS = ("--api-keys", "--api-key", "--token")
 
 
@@ -201,8 +203,10 @@ def _controller(spec: ClusterSpec) -> Component:
     host = spec.host(c.host)
     allowed = host_paths(host).file("controller-allowed-workers.json")
     workers = [f"http://{spec.host(r.host).address}:{r.port}" for m in spec.models for r in m.replicas]
-    content: dict[str, list[str]] = {"workers": sorted(set(workers))}
+    content: dict[str, list[str] | str] = {"workers": sorted(set(workers))}
     content["hosts"] = _addresses(spec.host(r.host).address for m in spec.models for r in m.replicas)
+    if spec.slurm_replicas:  # Slurm jobs register with a per-replica secret (deploy.render.slurm)
+        content["tokens_file"] = host_paths(host).file(SLURM_TOKENS_FILE)
     # The registry's readers: the API server, the probes on the head host, the workers' hosts.
     clients_path = host_paths(host).file("controller-allowed-clients.json")
     clients = {"hosts": _addresses(h.address for h in spec.hosts)}

@@ -8,6 +8,9 @@ Each component is its own process, started as ``python -m deploy.runtime.<compon
   environment and enforced on every route but ``GET /health``, docs off, CORS off by default.
 - ``model_worker``: FastChat's transformers worker, with an explicit conversation template and
   an optional client allowlist on every route.
+- ``slurm_job``: a worker as a Slurm batch job's main process: the node's address, a picked
+  port, registration with a secret (:mod:`~deploy.runtime.registration`), the walltime
+  hand-over (:mod:`~deploy.runtime.drain`).
 
 Standard-library helpers the host side and the loader share: :mod:`deploy.runtime.text`
 (control characters) and :mod:`deploy.runtime.statedir` (which state directories are safe).

@@ -7,7 +7,11 @@ writes these files and the runtime refuses the rest.
 
 - Controller, ``--allowed-workers-file``: ``{"workers": [url, ...], "hosts": [ip, ...]}``.
   ``/register_worker`` needs a listed worker URL, sent from a listed client address. Without
-  ``"hosts"`` the client address is not checked.
+  ``"hosts"`` the client address is not checked. With ``"tokens_file": path`` (a JSON
+  ``{"tokens": [sha256 hex, ...]}``, re-read at every registration), a worker whose URL cannot
+  be known in advance (a Slurm job: node and port are picked at start) may register instead by
+  sending a secret whose SHA-256 is listed, in the ``X-LLM-Deploy-Registration`` header, for a
+  URL on the very address it connects from (so a secret cannot point the controller elsewhere).
 - Worker and controller, ``--allowed-clients-file``: ``{"hosts": [ip, ...]}``. A worker answers
   those addresses (the controller's and API server's hosts) on every route, the controller
   (every cluster host) on every route but registration, heartbeats and ``/test_connection``;
@@ -22,17 +26,22 @@ name that does not resolve is an error, so a broken resolver refuses rather than
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import json
 import re
 import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deploy.runtime.errors import ConfigFileError
 
-__all__ = ["ClientAllowlist", "IPAddress", "WorkerAllowlist", "parse_address"]
+__all__ = ["REGISTRATION_HEADER", "ClientAllowlist", "IPAddress", "WorkerAllowlist", "parse_address"]
+
+REGISTRATION_HEADER = "X-LLM-Deploy-Registration"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _HOST_NAME = re.compile(
@@ -70,6 +79,7 @@ class WorkerAllowlist:
 
     workers: frozenset[str]
     hosts: frozenset[IPAddress] | None
+    tokens: frozenset[str] = frozenset()  # SHA-256 hex digests of registration secrets
 
     @classmethod
     def load(cls, path: Path, flag: str = "--allowed-workers-file") -> WorkerAllowlist:
@@ -78,19 +88,57 @@ class WorkerAllowlist:
         Raises:
             ConfigFileError: The file is missing, not JSON, or not the documented shape.
         """
-        data = _read_json_object(path, flag, allowed_keys={"workers", "hosts"})
+        data = _read_json_object(path, flag, allowed_keys={"workers", "hosts", "tokens_file"})
         if "workers" not in data:
             raise ConfigFileError(f'{flag} {path}: missing key "workers" (a list of worker URLs)')
         workers = frozenset(normalize_url(u) for u in _string_list(data, "workers", path, flag))
         hosts = _address_set(data, path, flag) if "hosts" in data else None
-        return cls(workers=workers, hosts=hosts)
+        tokens: frozenset[str] = frozenset()
+        if "tokens_file" in data:
+            if not isinstance(data["tokens_file"], str):
+                raise ConfigFileError(f'{flag} {path}: "tokens_file" must be a path')
+            tokens = _tokens(Path(data["tokens_file"]), flag)
+        return cls(workers=workers, hosts=hosts, tokens=tokens)
 
-    def refusal(self, worker_url: object, client_host: str | None) -> str | None:
-        """Why a registration must be refused, or None if it is allowed."""
-        if not isinstance(worker_url, str) or normalize_url(worker_url) not in self.workers:
+    def refusal(self, worker_url: object, client_host: str | None, token: str | None = None) -> str | None:
+        """Why a registration must be refused, or None if it is allowed.
+
+        ``token`` is the secret sent in :data:`REGISTRATION_HEADER` (None when absent).
+        """
+        if not isinstance(worker_url, str):
             return "worker URL not in the allowed workers"
+        if normalize_url(worker_url) not in self.workers:
+            return self._token_refusal(worker_url, client_host, token)
         if self.hosts is not None and parse_address(client_host) not in self.hosts:
             return "client address not in the allowed hosts"
+        return None
+
+    def not_own(self, worker_url: object, client_host: str | None) -> str | None:
+        """Why ``client_host`` may not act for ``worker_url`` (None: the URL is on its address)."""
+        host = (
+            urllib.parse.urlsplit(normalize_url(worker_url)).hostname if isinstance(worker_url, str) else None
+        )
+        client = parse_address(client_host)
+        if client is None or (client not in LOOPBACK and parse_address(host) != client):
+            return "a worker may act only for a URL on its own address"
+        return None
+
+    def _token_refusal(self, worker_url: str, client_host: str | None, token: str | None) -> str | None:
+        if not token or not self.tokens:
+            return "worker URL not in the allowed workers"
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        if not any(hmac.compare_digest(digest, known) for known in self.tokens):
+            return "registration secret not accepted"
+        parsed = urllib.parse.urlsplit(normalize_url(worker_url))
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+        client = parse_address(client_host)
+        if parsed.scheme != "http" or port is None or parsed.path or parsed.query or parsed.fragment:
+            return "a worker registering with a secret must give http://ADDRESS:PORT"
+        if client is None or parse_address(parsed.hostname) != client or client in LOOPBACK:
+            return "a worker registering with a secret must register its own (non-loopback) address"
         return None
 
 
@@ -136,6 +184,14 @@ def _read_json_object(path: Path, flag: str, allowed_keys: set[str]) -> dict[str
         expected = ", ".join(sorted(allowed_keys))
         raise ConfigFileError(f"{flag} {path}: unknown key(s) {', '.join(unknown)} (expected {expected})")
     return data
+
+
+def _tokens(path: Path, flag: str) -> frozenset[str]:
+    data = _read_json_object(path, flag, allowed_keys={"tokens"})
+    tokens = _string_list(data, "tokens", path, flag) if "tokens" in data else []
+    if not all(re.fullmatch(r"[0-9a-f]{64}", t) for t in tokens):
+        raise ConfigFileError(f'{flag} {path}: "tokens" must be SHA-256 hex digests')
+    return frozenset(tokens)
 
 
 def _string_list(data: dict[str, Any], key: str, path: Path, flag: str) -> list[str]:

@@ -30,6 +30,9 @@ Differences from ``python -m fastchat.serve.controller``:
 - with ``--allowed-clients-file`` (the cluster's hosts), every other route (the registry reads,
   ``/refresh_all_workers``, ``/worker_get_status``, the docs) answers only those addresses and
   loopback; ``/test_connection`` stays open (it says "success" and nothing else);
+- a Slurm job registers its own address with a per-replica secret instead of a listed URL
+  (see :mod:`deploy.runtime.allowlist`), and ``POST /drain_worker`` (checked like registration)
+  lets a worker take itself out of rotation before it stops;
 - no log file of its own: everything goes to stdout/stderr.
 """
 
@@ -45,7 +48,13 @@ from pathlib import Path
 from typing import Any
 
 from deploy.runtime._entry import check_port_free, fail, positive_int, prepare_environment, serve
-from deploy.runtime.allowlist import ClientAllowlist, IPAddress, WorkerAllowlist, parse_address
+from deploy.runtime.allowlist import (
+    REGISTRATION_HEADER,
+    ClientAllowlist,
+    IPAddress,
+    WorkerAllowlist,
+    parse_address,
+)
 from deploy.runtime.errors import StartupError
 
 __all__ = [
@@ -63,7 +72,7 @@ logger = logging.getLogger(f"deploy.runtime.{COMPONENT}")
 # Far above any real queue (vLLM admits 1024 at once), far below what steers dispatch forever.
 MAX_QUEUE_LENGTH = 100_000
 # Answered to anyone who reaches the port: each checks its caller itself, or says nothing.
-OPEN_ROUTES = ("/register_worker", "/receive_heart_beat", "/test_connection")
+OPEN_ROUTES = ("/register_worker", "/receive_heart_beat", "/test_connection", "/drain_worker")
 # Upstream routes that hand a request to a worker on the caller's behalf.
 RELAY_ROUTES = ("/worker_generate_stream",)
 
@@ -222,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     _remove_relays(app)
     _guard_registration(app, args.allowed_workers_file)
     _guard_heartbeat(app, fastchat_controller)
+    if args.allowed_workers_file is not None:
+        _add_drain_worker(app, fastchat_controller, args.allowed_workers_file)
     if clients is not None:
         from deploy.runtime.security import ClientAllowlistMiddleware
 
@@ -284,7 +295,8 @@ def _guard_registration(app: Any, allowlist_path: Path | None) -> None:
         reason = None
         if allowlist_path is not None:
             try:
-                reason = WorkerAllowlist.load(allowlist_path).refusal(worker_url, client)
+                token = request.headers.get(REGISTRATION_HEADER)
+                reason = WorkerAllowlist.load(allowlist_path).refusal(worker_url, client, token)
             except StartupError as exc:
                 # Fail closed: a file broken while running refuses everyone, loudly.
                 reason = f"allowlist unusable: {exc}"
@@ -329,6 +341,44 @@ def _guard_heartbeat(app: Any, fastchat_controller: Any) -> None:
         return JSONResponse({"exist": controller.receive_heart_beat(name, queue_length)})
 
     _replace_route(app, "/receive_heart_beat", receive_heart_beat)
+
+
+def _add_drain_worker(app: Any, fastchat_controller: Any, allowlist_path: Path) -> None:
+    """``POST /drain_worker {"worker_name": url}``: a worker takes itself out of rotation at once.
+
+    Allowed only for a worker that may register (listed, or with its secret) and asks for its
+    own URL from that URL's address; used by Slurm jobs nearing their time limit.
+    """
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    async def drain_worker(request: Request) -> Response:
+        client = request.client.host if request.client else None
+        try:
+            data = await request.json()
+            worker_url = data.get("worker_name") if isinstance(data, dict) else None
+        except ValueError:
+            worker_url = None
+        token = request.headers.get(REGISTRATION_HEADER)
+        try:
+            allowlist = WorkerAllowlist.load(allowlist_path)
+            reason = allowlist.refusal(worker_url, client, token) or allowlist.not_own(worker_url, client)
+        except StartupError as exc:
+            reason = f"allowlist unusable: {exc}"
+        if reason is not None:
+            logger.warning("refused /drain_worker of %r from %s: %s", worker_url, client, reason)
+            return JSONResponse({"detail": reason}, status_code=403)
+        registry = fastchat_controller.controller
+        removed = worker_url in registry.worker_info
+        if removed:
+            registry.remove_worker(worker_url)
+        logger.info(
+            "drained %s: out of rotation (%s)", worker_url, "removed" if removed else "was not registered"
+        )
+        return JSONResponse({"removed": removed})
+
+    app.router.routes.append(Route("/drain_worker", drain_worker, methods=["POST"]))
 
 
 if __name__ == "__main__":

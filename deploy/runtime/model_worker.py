@@ -4,6 +4,7 @@ Usage::
 
     python -m deploy.runtime.model_worker <fastchat model_worker flags> --conv-template NAME
         [--heartbeat-interval SECONDS (default 5)] [--allowed-clients-file PATH]
+        [--registration-secret-file PATH]
 
 Every ``fastchat.serve.model_worker`` flag is passed through (``--model-path``,
 ``--model-names``, ``--device``, ``--worker-address``, ``--controller-address``, ``--seed``...).
@@ -18,6 +19,8 @@ Differences from upstream:
 - with ``--allowed-clients-file``, every route (generation, ``/count_token``, ``/model_details``,
   ``/worker_get_conv_template``, ``/worker_get_status``, the docs) answers only the listed client
   addresses and loopback (upstream: anyone who can reach the port);
+- with ``--registration-secret-file``, every registration carries that secret (a Slurm job's
+  way in, :mod:`deploy.runtime.registration`);
 - it starts under transformers 5 (:mod:`deploy.runtime.compat`);
 - a taken port exits 1 before the model loads; no log file of its own.
 """
@@ -67,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help='JSON {"hosts": [ip, ...]}: the only non-loopback clients of any route',
     )
+    parser.add_argument(
+        "--registration-secret-file",
+        type=Path,
+        metavar="PATH",
+        help="a 0600 file whose secret is sent with every registration (workers the controller "
+        "cannot list in advance, e.g. Slurm jobs)",
+    )
     # Read here too, for checks before the model loads; passed on to FastChat.
     parser.add_argument("--host", default="localhost")
     parser.add_argument("--port", type=int, default=21002)
@@ -90,6 +100,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         allowlist = None
         if args.allowed_clients_file is not None:
             allowlist = ClientAllowlist.load(args.allowed_clients_file)
+        secret = None
+        if args.registration_secret_file is not None:
+            from deploy.runtime.registration import read_secret
+
+            secret = read_secret(args.registration_secret_file)
     except StartupError as exc:
         fail(COMPONENT, str(exc))
     _check_template(args.conv_template)
@@ -109,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from deploy.runtime.heartbeat import patch_heartbeat
 
     patch_heartbeat(base_model_worker)
+    if secret is not None:
+        from deploy.runtime.registration import patch_registration
+
+        patch_registration(base_model_worker, secret)
 
     sys.argv = [sys.argv[0], *fastchat_argv(args, rest)]
     fastchat_args, worker = _create_worker(fastchat_worker)

@@ -2,6 +2,7 @@
 
 - :mod:`~deploy.spec.model`: the shapes (frozen dataclasses);
 - :mod:`~deploy.spec.load`: the rules and the loaders (``load_cluster_spec``);
+- :mod:`~deploy.spec.slurm`: the ``slurm:`` blocks of login hosts and replicas;
 - :mod:`~deploy.spec.nodes`: yaml nodes that know their path, so every error names it.
 
 Imports nothing of ``deploy`` but :mod:`deploy.errors`.

@@ -37,6 +37,7 @@ from deploy.spec.model import (
     HostSpec,
     ModelSpec,
     ReplicaSpec,
+    SlurmReplicaSpec,
     SSHSpec,
     SupervisionSpec,
     TimeoutsSpec,
@@ -44,6 +45,7 @@ from deploy.spec.model import (
     deploy_home,
 )
 from deploy.spec.nodes import Node
+from deploy.spec.slurm import parse_slurm
 
 __all__ = ["default_spec_text", "load_cluster_spec", "parse", "parse_cluster_spec"]
 
@@ -157,8 +159,9 @@ def _hosts(node: Node, *, cluster: str, base_dir: Path, local_python: str) -> tu
         h.mapping()
         if not _NAME.fullmatch(name):
             raise h.error("host names must be letters, digits, '.', '_' or '-'")
-        connect = _choice(h, "connect", ("local", "ssh"), "local")
-        local = connect == "local"
+        connect = _choice(h, "connect", ("local", "ssh", "slurm"), "local")
+        # A Slurm login node is reached over SSH when it has an ssh block, else locally.
+        local = connect == "local" or (connect == "slurm" and not h.has("ssh"))
         address = _address(h, "address", "127.0.0.1") if local else _address(h, "address", "")
         python = h.get("python", str, local_python if local else "python3")
         vllm_python = h.get("vllm_python", str, None)
@@ -180,6 +183,9 @@ def _hosts(node: Node, *, cluster: str, base_dir: Path, local_python: str) -> tu
         ssh = _ssh(h.child("ssh"), base_dir) if h.has("ssh") else None
         if ssh is not None and local:
             raise h.error("only allowed with connect: ssh", "ssh")
+        if h.has("slurm") and connect != "slurm":
+            raise h.error("only allowed with connect: slurm", "slurm")
+        slurm = parse_slurm(h.child("slurm"), with_env=True) if connect == "slurm" else None
         h.done()
         if local and state_dir in seen_dirs:
             raise h.error(f"same state directory as host {seen_dirs[state_dir]!r}", "state_dir")
@@ -195,6 +201,7 @@ def _hosts(node: Node, *, cluster: str, base_dir: Path, local_python: str) -> tu
                 home,
                 bind,
                 vllm_python=vllm_python,
+                slurm=slurm,
             )
         )
     return tuple(hosts)
@@ -315,8 +322,10 @@ def _model(node: Node, hosts: dict[str, HostSpec], base_dir: Path) -> ModelSpec:
     if not path.startswith(("/", "~")):
         path = str((base_dir / path).resolve())
     replicas_node = node.child("replicas")
-    replicas = _replicas(replicas_node, hosts, device)
-    if all(hosts[r.host].is_local for r in replicas):
+    replicas, slurm_replicas = _replicas(replicas_node, hosts, device)
+    if slurm_replicas and kind != "hf":
+        raise node.error(f"Slurm replicas run the hf kind only for now, not {kind!r} (docs/slurm.md)", "kind")
+    if all(hosts[h].is_local for h in [*(r.host for r in replicas), *(r.host for r in slurm_replicas)]):
         path = os.path.expanduser(path)
     spec = ModelSpec(
         name=name,
@@ -328,16 +337,29 @@ def _model(node: Node, hosts: dict[str, HostSpec], base_dir: Path) -> ModelSpec:
         engine_args=_engine_args(node.child("engine_args")),
         env=_env(node.child("env")),
         source=source,
+        slurm_replicas=slurm_replicas,
     )
     node.done()
     return spec
 
 
-def _replicas(node: Node, hosts: dict[str, HostSpec], device: str) -> tuple[ReplicaSpec, ...]:
+def _replicas(
+    node: Node, hosts: dict[str, HostSpec], device: str
+) -> tuple[tuple[ReplicaSpec, ...], tuple[SlurmReplicaSpec, ...]]:
     replicas: list[ReplicaSpec] = []
+    slurm: list[SlurmReplicaSpec] = []
     for r in node.elements(allow_empty=False):
         r.mapping()
         host = _host_of(r, "host", hosts)
+        if host.slurm is not None:
+            for key in ("port", "gpus"):
+                if r.has(key):
+                    raise r.error(f"a Slurm replica takes no {key} (its job picks it; GPUs: gres)", key)
+            slurm.append(SlurmReplicaSpec(host.name, parse_slurm(r.child("slurm"), host.slurm)))
+            r.done()
+            continue
+        if r.has("slurm"):
+            raise r.error(f"only for replicas on a connect: slurm host ({host.name!r} is not)", "slurm")
         # Port 0 stands for "not given": the default is picked per host once every port is known.
         port = _port(r, "port", 0) if r.has("port") else 0
         gpus = tuple(g.scalar(int) for g in r.child("gpus").elements())
@@ -349,7 +371,7 @@ def _replicas(node: Node, hosts: dict[str, HostSpec], device: str) -> tuple[Repl
             raise r.error(f"device {device!r} takes no GPUs (set device: cuda)", "gpus")
         r.done()
         replicas.append(ReplicaSpec(host.name, port, gpus))
-    return tuple(replicas)
+    return tuple(replicas), tuple(slurm)
 
 
 def _engine_args(node: Node) -> tuple[tuple[str, EngineValue], ...]:

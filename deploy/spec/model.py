@@ -24,6 +24,8 @@ __all__ = [
     "ModelSpec",
     "ReplicaSpec",
     "SSHSpec",
+    "SlurmReplicaSpec",
+    "SlurmSpec",
     "SupervisionSpec",
     "TimeoutsSpec",
     "VllmInstall",
@@ -62,6 +64,35 @@ class SSHSpec:
 
 
 @dataclass(frozen=True)
+class SlurmSpec:
+    """How a replica's batch job is submitted (``hosts.<name>.slurm``, per replica ``slurm``).
+
+    ``time`` is Slurm's walltime syntax (``1-00:00:00``, ``30:00``); ``extra`` are more sbatch
+    options, as given (``["--constraint=a100", "--requeue"]``); ``signal_grace`` is how many
+    seconds before the time limit the job gets ``USR1`` to drain; ``env`` is set for every
+    Slurm command run on the login node (``SLURM_CONF``, a site's PATH), not for the jobs.
+    """
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gres: str | None = None
+    time: str | None = None
+    nodes: str | None = None  # a node list the job must run in (sbatch --nodelist)
+    extra: tuple[str, ...] = ()
+    signal_grace: int = 300
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class SlurmReplicaSpec:
+    """One replica that runs as a Slurm batch job submitted from login host ``host``."""
+
+    host: str
+    slurm: SlurmSpec
+
+
+@dataclass(frozen=True)
 class VllmInstall:
     """What a host's ``vllm_python`` has: the distribution, its version, and whether it imports."""
 
@@ -87,12 +118,15 @@ class HostSpec:
 
     name: str
     address: str
-    connect: Literal["local", "ssh"]
+    connect: Literal["local", "ssh", "slurm"]
     python: str
     state_dir: str
     ssh: SSHSpec | None = None
     home: str | None = None
     bind: str | None = None  # what workers listen on (default: address); 0.0.0.0 only when asked
+    # connect: slurm: this host is a Slurm login node (reached over SSH when ``ssh`` is set, else
+    # locally); its replicas are batch jobs, its state_dir must be on storage the nodes share.
+    slurm: SlurmSpec | None = None
     vllm_python: str | None = None
     vllm: VllmInstall | None = None
 
@@ -109,7 +143,7 @@ class HostSpec:
     @property
     def is_local(self) -> bool:
         """Whether the host is reached with local subprocesses."""
-        return self.connect == "local"
+        return self.connect == "local" or (self.connect == "slurm" and self.ssh is None)
 
     def path(self, value: str) -> str:
         """``value`` with a leading ``~/`` resolved against this host's home."""
@@ -186,6 +220,8 @@ class ModelSpec:
     engine_args: tuple[tuple[str, EngineValue], ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     source: str | None = None
+    # Replicas on Slurm login hosts (connect: slurm): batch jobs, not supervised processes.
+    slurm_replicas: tuple[SlurmReplicaSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -258,6 +294,11 @@ class ClusterSpec:
             if host.name == name:
                 return host
         raise KeyError(name)
+
+    @property
+    def slurm_replicas(self) -> tuple[tuple[ModelSpec, int, SlurmReplicaSpec], ...]:
+        """Every Slurm replica as (model, index among the model's Slurm replicas, replica)."""
+        return tuple((m, i, r) for m in self.models for i, r in enumerate(m.slurm_replicas))
 
     @property
     def head(self) -> HostSpec:

@@ -1,0 +1,159 @@
+"""Slurm replicas, the pure parts: the spec, the batch script, squeue/sbatch answers, the
+controller's secret check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy.errors import SpecError
+from deploy.render.components import build_components
+from deploy.render.slurm import batch_script, parse_job_id, parse_squeue, squeue_argv
+from deploy.runtime.allowlist import WorkerAllowlist
+from deploy.spec.load import parse_cluster_spec
+from deploy.spec.model import ClusterSpec, SlurmSpec
+
+
+def slurm_spec(**replica: Any) -> dict[str, Any]:
+    return {
+        "cluster": "c1",
+        "hosts": {
+            "head": {"connect": "ssh", "address": "10.0.0.2"},
+            "hpc": {
+                "connect": "slurm", "address": "10.0.0.2", "ssh": {"hostname": "login.hpc"},
+                "state_dir": "/shared/llmd", "python": "/shared/venv/bin/python",
+                "slurm": {
+                    "partition": "gpu", "account": "lab", "time": "1-00:00:00", "env": {"SLURM_CONF": "/x"},
+                },
+            },
+        },
+        "controller": {"host": "head"},
+        "api_server": {"host": "head"},
+        "models": [
+            {
+                "name": "tiny", "path": "/shared/m/tiny", "conv_template": "qwen-7b-chat",
+                "env": {"HF_HOME": "/shared/hf"},
+                "replicas": [
+                    {"host": "hpc", "slurm": {"qos": "high", "gres": "gpu:1", **replica}}, {"host": "hpc"},
+                ],
+            }
+        ],
+    }  # fmt: skip
+
+
+def parse(data: dict[str, Any]) -> ClusterSpec:
+    return parse_cluster_spec(data, base_dir=Path("/base"), source="spec.yaml")
+
+
+def test_slurm_replicas_merge_host_defaults_and_leave_the_supervised_ones_alone() -> None:
+    spec = parse(slurm_spec(extra=["--requeue"]))
+    model = spec.models[0]
+    assert model.replicas == ()
+    first, second = (r.slurm for r in model.slurm_replicas)
+    env = (("SLURM_CONF", "/x"),)
+    assert first == SlurmSpec("gpu", "lab", "high", "gpu:1", "1-00:00:00", None, ("--requeue",), 300, env)
+    assert second == SlurmSpec("gpu", "lab", None, None, "1-00:00:00", None, (), 300, env)
+    assert not spec.host("hpc").is_local  # login over SSH
+    # No worker component for a job; the controller's allowlist names the secrets' digests file.
+    components = build_components(spec)
+    assert [c.name for c in components] == ["controller", "api_server"]
+    allow = json.loads(components[0].files[0].content)
+    assert allow["tokens_file"].endswith("/controller-slurm-tokens.json")
+
+
+@pytest.mark.parametrize(
+    ("replica", "path", "problem"),
+    [
+        ({"port": 31020}, "models[0].replicas[0].port", "takes no port"),
+        ({"time": "soon"}, "models[0].replicas[0].slurm.time", "time syntax"),
+        ({"extra": ["-p x"]}, "models[0].replicas[0].slurm.extra", "long sbatch option"),
+        ({"partition": "gpu; rm -rf /"}, "models[0].replicas[0].slurm.partition", "one Slurm word"),
+        ({"signal_grace": 1}, "models[0].replicas[0].slurm.signal_grace", "10-65535"),
+        ({"slurm": {"bogus": 1}}, "models[0].replicas[0].slurm.bogus", "unknown key"),
+    ],
+)
+def test_bad_slurm_keys_name_their_yaml_path(replica: dict[str, Any], path: str, problem: str) -> None:
+    data = slurm_spec()
+    r = data["models"][0]["replicas"][0]
+    if "slurm" in replica:
+        r["slurm"].update(replica["slurm"])
+    elif "port" in replica:
+        r.update(replica)
+    else:
+        r["slurm"].update(replica)
+    with pytest.raises(SpecError) as info:
+        parse(data)
+    assert str(info.value).startswith(f"spec.yaml: {path}:") or path in str(info.value), str(info.value)
+    assert problem in str(info.value)
+
+
+def test_slurm_replicas_refuse_the_vllm_kinds_for_now() -> None:
+    data = slurm_spec()
+    data["models"][0]["kind"] = "vllm"
+    with pytest.raises(SpecError, match=r"models\[0\]\.kind: Slurm replicas run the hf kind only"):
+        parse(data)
+
+
+def test_slurm_block_only_on_slurm_hosts() -> None:
+    data = slurm_spec()
+    data["hosts"]["head"]["slurm"] = {"partition": "x"}
+    with pytest.raises(SpecError, match=r"hosts\.head\.slurm: only allowed with connect: slurm"):
+        parse(data)
+
+
+def test_batch_script_execs_the_job_runner_with_paths_but_no_secret() -> None:
+    spec = parse(slurm_spec())
+    model = spec.models[0]
+    script = batch_script(spec, model, 0, model.slurm_replicas[0])
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    assert "#SBATCH --job-name=llmd-c1-slurm-tiny-0" in lines
+    assert "#SBATCH --output=/shared/llmd/slurm/slurm-tiny-0-%j.log" in lines
+    for option in ("--partition=gpu", "--account=lab", "--qos=high", "--gres=gpu:1", "--time=1-00:00:00"):
+        assert f"#SBATCH {option}" in lines
+    assert "#SBATCH --signal=B:USR1@300" in lines
+    assert "export HF_HOME=/shared/hf" in lines
+    last = lines[-1]
+    assert last.startswith("exec /shared/venv/bin/python -m deploy.runtime.slurm_job ")
+    assert "--controller-address http://10.0.0.2:21001" in last
+    assert "--registration-secret-file /shared/llmd/slurm/slurm-tiny-0.secret" in last
+    assert "--host" not in last.split() and "--port" not in last.split()
+
+
+def test_sbatch_and_squeue_answers() -> None:
+    assert parse_job_id("1234\n") == "1234"
+    assert parse_job_id("77;cluster2\n") == "77"
+    assert parse_job_id("sbatch: error: Batch job submission failed") is None
+    assert squeue_argv(["1", "2"])[-4:] == ["-j", "1,2", "-o", "%i|%T|%N|%L|%r"]
+    jobs = parse_squeue(
+        "12|PENDING||1:00:00|Resources\n13|RUNNING|w1|59:58|None\n14|CANCELLED|w2|0:00|None\n"
+    )
+    assert jobs["12"].state == "PENDING" and jobs["12"].reason == "Resources" and not jobs["12"].ended
+    assert jobs["13"].node == "w1" and jobs["13"].time_left == "59:58"
+    assert jobs["14"].ended
+
+
+def test_controller_admits_a_secret_only_for_the_senders_own_address(tmp_path: Path) -> None:
+    secret = "s3cret-value"
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [hashlib.sha256(secret.encode()).hexdigest()]}))
+    allow = tmp_path / "allow.json"
+    allow.write_text(
+        json.dumps({"workers": ["http://10.0.0.5:31020"], "hosts": ["10.0.0.5"], "tokens_file": str(tokens)})
+    )
+    a = WorkerAllowlist.load(allow)
+    assert a.refusal("http://10.0.0.9:40001", "10.0.0.9", secret) is None
+    assert a.refusal("http://10.0.0.9:40001", "10.0.0.9", None) == "worker URL not in the allowed workers"
+    assert a.refusal("http://10.0.0.9:40001", "10.0.0.9", "wrong") == "registration secret not accepted"
+    assert "own" in (a.refusal("http://10.0.0.2:21001", "10.0.0.9", secret) or "")  # SSRF elsewhere
+    assert "own" in (a.refusal("http://127.0.0.1:40001", "127.0.0.1", secret) or "")
+    assert a.refusal("http://10.0.0.9:40001/x?y=", "10.0.0.9", secret) is not None
+    assert a.refusal("http://10.0.0.9", "10.0.0.9", secret) is not None  # no port
+    # The listed SSH worker is unaffected; without a tokens file no secret admits anyone.
+    assert a.refusal("http://10.0.0.5:31020", "10.0.0.5") is None
+    allow.write_text(json.dumps({"workers": []}))
+    assert WorkerAllowlist.load(allow).refusal("http://10.0.0.9:40001", "10.0.0.9", secret) is not None
