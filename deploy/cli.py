@@ -47,9 +47,11 @@ def _console() -> Any:
 
 
 def _load(spec: Path | None) -> Any:
+    from deploy.render.components import check_engine_args
     from deploy.spec.load import load_cluster_spec
 
-    return load_cluster_spec(spec)
+    # Engine arguments too are judged with the rest, so one run names every problem of the spec.
+    return load_cluster_spec(spec, engine_check=check_engine_args)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -4,6 +4,7 @@
 
     DeployError                    anything the user can act on; str() is one line
     ├── SpecError                  bad cluster spec (names the yaml path)
+    │   └── SpecErrors             every problem of one spec, each a SpecError
     ├── LockHeld                   another llm-deploy is changing this cluster
     ├── ConnectorError             reaching or using a host failed (names the host)
     │   ├── ConnectionFailed       the host cannot be reached or authentication failed
@@ -23,7 +24,7 @@ lines worth showing before it (log tails, every host's outcome, what to try next
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 __all__ = [
     "ClientConfigError",
@@ -38,6 +39,7 @@ __all__ = [
     "PreflightError",
     "ReadinessError",
     "SpecError",
+    "SpecErrors",
     "SupervisorError",
     "TransferFailed",
 ]
@@ -74,6 +76,18 @@ class SpecError(DeployError):
         self.path = path
         self.problem = problem
         self.source = source
+
+
+class SpecErrors(SpecError):
+    """Every problem of one spec, found in one run: each a :class:`SpecError` with its yaml path."""
+
+    def __init__(self, errors: Sequence[SpecError]) -> None:
+        self.errors = tuple(errors)
+        paths = ", ".join(e.path or "(top level)" for e in self.errors)
+        super().__init__("", f"{len(self.errors)} problems: {paths}", source=self.errors[0].source)
+
+    def details(self) -> list[str]:
+        return [f"  {e.path}: {e.problem}" if e.path else f"  {e.problem}" for e in self.errors]
 
 
 class LockHeld(DeployError):

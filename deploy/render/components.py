@@ -20,13 +20,14 @@ from deploy.errors import SpecError
 from deploy.render import vllm
 from deploy.render.vllm.flags import engine_flags as checked_flags
 from deploy.render.vllm.flags import model_worker_flags, pairs
-from deploy.spec.model import ClusterSpec, HostSpec, ModelSpec
+from deploy.spec.model import ClusterSpec, EngineValue, HostSpec, ModelSpec
 
 __all__ = [
     "Component",
     "HostFile",
     "HostPaths",
     "build_components",
+    "check_engine_args",
     "host_paths",
     "mask_secrets",
     "worker_name",
@@ -338,6 +339,21 @@ _MODEL_WORKER_RESERVED = {
     "no_register": "a worker that does not register with the controller serves nothing",
     "ssl": "TLS between the components is not supported (api_server.tls serves port 8000)",
 }
+
+
+def check_engine_args(kind: str, engine_args: Iterable[tuple[str, EngineValue]]) -> None:
+    """Check a model's engine arguments against its kind's recorded worker parser (pure).
+
+    The spec loader calls this for every model (``load_cluster_spec(..., engine_check=...)``), so
+    a bad engine argument is reported with the spec's other problems, in one run.
+
+    Raises:
+        SpecError: path ``engine_args.<key>``.
+    """
+    if kind == "hf":
+        checked_flags(pairs(engine_args), model_worker_flags(), _MODEL_WORKER_RESERVED)
+    else:
+        vllm.check_engine_args(kind, engine_args)
 
 
 def _hf_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Component]:

@@ -10,16 +10,19 @@ raises through :meth:`Node.error`, so it names its yaml path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
-from deploy.errors import SpecError
+from deploy.errors import SpecError, SpecErrors
 from deploy.runtime.statedir import system_location
 from deploy.runtime.text import first_control, shown
 from deploy.spec.model import (
@@ -47,6 +50,8 @@ from deploy.spec.model import (
 from deploy.spec.nodes import Node
 from deploy.spec.slurm import parse_slurm
 
+T = TypeVar("T")
+
 __all__ = ["default_spec_text", "load_cluster_spec", "parse", "parse_cluster_spec"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -57,28 +62,76 @@ _HOST_NAME = re.compile(
 )
 
 
-def parse(root: Node, *, base_dir: Path, local_python: str) -> ClusterSpec:
-    """Validate the whole document (see :func:`deploy.spec.model.parse_cluster_spec`)."""
+EngineCheck = Callable[[str, tuple[tuple[str, EngineValue], ...]], None]
+
+
+class _Problems:
+    """Collects the spec's problems so that one run reports them all (each with its yaml path)."""
+
+    def __init__(self) -> None:
+        self.found: list[SpecError] = []
+
+    def check(self, part: Callable[[], T]) -> T | None:
+        """``part()``, or None after recording the problem it raised."""
+        try:
+            return part()
+        except SpecErrors as exc:
+            self.found += exc.errors
+        except SpecError as exc:
+            self.found.append(exc)
+        return None
+
+    def raise_found(self) -> None:
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            raise SpecErrors(self.found)
+
+
+def parse(
+    root: Node, *, base_dir: Path, local_python: str, engine_check: EngineCheck | None = None
+) -> ClusterSpec:
+    """Validate the whole document (see :func:`parse_cluster_spec`): every problem in one error.
+
+    Sections that do not depend on each other are all checked, and within a model its replicas
+    and engine arguments; ``engine_check`` checks a model's engine arguments against its kind's
+    worker (the CLI passes :func:`deploy.render.components.check_engine_args`).
+    """
     root.mapping()
     _check_text(root)
-    name = _name(root, "cluster")
-    hosts = _hosts(root.child("hosts"), cluster=name, base_dir=base_dir, local_python=local_python)
-    by_name = {h.name: h for h in hosts}
-    controller = _controller(root.child("controller"), by_name)
-    api_server = _api_server(root.child("api_server"), by_name, base_dir)
+    problems = _Problems()
+    name = problems.check(lambda: _name(root, "cluster"))
+    hosts = problems.check(
+        lambda: _hosts(
+            root.child("hosts"), cluster=name or "cluster", base_dir=base_dir, local_python=local_python
+        )
+    )
+    by_name = {h.name: h for h in hosts or ()}
+    controller = api_server = None
+    models: list[ModelSpec] = []
     models_node = root.child("models")
-    models = tuple(_model(n, by_name, base_dir) for n in models_node.elements(allow_empty=False))
-    timeouts = _timeouts(root.child("timeouts"))
-    supervision = _supervision(root.child("supervision"))
-    require_all = root.get("require_all_replicas", bool, True)
-    health = _health(root.child("health"))
-    watch = _watch(root.child("watch"))
-    root.done()
+    controller_node, api_node = root.child("controller"), root.child("api_server")
+    if hosts is not None:  # these name hosts: judged once the hosts are valid
+        controller = problems.check(lambda: _controller(controller_node, by_name))
+        api_server = problems.check(lambda: _api_server(api_node, by_name, base_dir))
+        for n in problems.check(lambda: models_node.elements(allow_empty=False)) or []:
+            model = problems.check(functools.partial(_model, n, by_name, base_dir, problems, engine_check))
+            if model is not None:
+                models.append(model)
+    timeouts = problems.check(lambda: _timeouts(root.child("timeouts")))
+    supervision = problems.check(lambda: _supervision(root.child("supervision")))
+    require_all = problems.check(lambda: root.get("require_all_replicas", bool, True))
+    health = problems.check(lambda: _health(root.child("health")))
+    watch = problems.check(lambda: _watch(root.child("watch")))
+    problems.check(root.done)
+    problems.raise_found()
+    assert name and hosts and controller and api_server and timeouts and supervision and health and watch
+    assert require_all is not None
     spec = ClusterSpec(
-        name, hosts, controller, api_server, models, timeouts, supervision, root.source, require_all
+        name, hosts, controller, api_server, tuple(models), timeouts, supervision, root.source, require_all
     )
     spec = dataclasses.replace(spec, health=health, watch=watch)
-    _check_unique_models(models_node, models)
+    _check_unique_models(models_node, spec.models)
     return _check_ports(root, spec)
 
 
@@ -304,7 +357,14 @@ def _tls(node: Node, host: HostSpec, base_dir: Path) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def _model(node: Node, hosts: dict[str, HostSpec], base_dir: Path) -> ModelSpec:
+def _model(
+    node: Node,
+    hosts: dict[str, HostSpec],
+    base_dir: Path,
+    problems: _Problems,
+    engine_check: EngineCheck | None,
+) -> ModelSpec | None:
+    """One model; its replicas and engine arguments are checked even when the other fails."""
     node.mapping()
     name = _name(node, "name")
     # A GPU model defaults to the vllm kind (stock `vllm serve` behind the bridge), a CPU one to hf.
@@ -322,7 +382,13 @@ def _model(node: Node, hosts: dict[str, HostSpec], base_dir: Path) -> ModelSpec:
     if not path.startswith(("/", "~")):
         path = str((base_dir / path).resolve())
     replicas_node = node.child("replicas")
-    replicas, slurm_replicas = _replicas(replicas_node, hosts, device)
+    engine_args = problems.check(lambda: _engine_args(node.child("engine_args")))
+    if engine_args is not None and engine_check is not None:
+        problems.check(lambda: _checked_engine_args(node, kind, engine_args, engine_check))
+    found = problems.check(lambda: _replicas(replicas_node, hosts, device))
+    if found is None or engine_args is None:
+        return None
+    replicas, slurm_replicas = found
     if slurm_replicas and kind != "hf":
         raise node.error(f"Slurm replicas run the hf kind only for now, not {kind!r} (docs/slurm.md)", "kind")
     if all(hosts[h].is_local for h in [*(r.host for r in replicas), *(r.host for r in slurm_replicas)]):
@@ -334,13 +400,22 @@ def _model(node: Node, hosts: dict[str, HostSpec], base_dir: Path) -> ModelSpec:
         conv_template=node.get("conv_template", str),
         device=device,
         replicas=replicas,
-        engine_args=_engine_args(node.child("engine_args")),
+        engine_args=engine_args,
         env=_env(node.child("env")),
         source=source,
         slurm_replicas=slurm_replicas,
     )
     node.done()
     return spec
+
+
+def _checked_engine_args(
+    node: Node, kind: str, args: tuple[tuple[str, EngineValue], ...], engine_check: EngineCheck
+) -> None:
+    try:
+        engine_check(kind, args)
+    except SpecError as exc:  # its path is engine_args.<key>: below this model
+        raise SpecError(node.child_path(exc.path), exc.problem, source=node.source) from exc
 
 
 def _replicas(
@@ -542,15 +617,17 @@ def default_spec_text() -> str:
     return resources.files("deploy.spec").joinpath("default_cluster.yaml").read_text(encoding="utf-8")
 
 
-def load_cluster_spec(path: str | Path | None) -> ClusterSpec:
+def load_cluster_spec(path: str | Path | None, *, engine_check: EngineCheck | None = None) -> ClusterSpec:
     """Read and validate a cluster spec file.
 
     Args:
         path: The yaml file, or None for the embedded default, which is read as if it were
             ``configs/cluster/local.yaml`` in the current directory.
+        engine_check: Checks a model's engine arguments for its kind (see :func:`parse`).
 
     Raises:
-        SpecError: naming the yaml path of the first problem.
+        SpecError: naming the yaml path of the problem; :class:`SpecErrors` with every one when
+            there are several.
     """
     if path is None:
         text, source, base = default_spec_text(), "<default local.yaml>", Path.cwd() / "configs" / "cluster"
@@ -567,9 +644,13 @@ def load_cluster_spec(path: str | Path | None) -> ClusterSpec:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         raise SpecError("", f"not valid yaml: {where}{getattr(exc, 'problem', exc)}", source=source) from exc
-    return parse_cluster_spec(data, base_dir=base, source=source)
+    return parse_cluster_spec(data, base_dir=base, source=source, engine_check=engine_check)
 
 
-def parse_cluster_spec(data: object, *, base_dir: Path, source: str | None = None) -> ClusterSpec:
+def parse_cluster_spec(
+    data: object, *, base_dir: Path, source: str | None = None, engine_check: EngineCheck | None = None
+) -> ClusterSpec:
     """Validate parsed yaml into a :class:`ClusterSpec` (relative paths resolve against ``base_dir``)."""
-    return parse(Node(data, "", source), base_dir=base_dir, local_python=sys.executable)
+    return parse(
+        Node(data, "", source), base_dir=base_dir, local_python=sys.executable, engine_check=engine_check
+    )

@@ -61,6 +61,19 @@ _FASTCHAT_RESERVED = {
 }
 
 
+def check_engine_args(kind: str, engine_args: EngineArgs) -> None:
+    """Check a vLLM kind's engine arguments against its recorded parser, as its command line does.
+
+    Raises:
+        SpecError: path ``engine_args.<key>`` (see :func:`vllm_serve_command`).
+    """
+    args = pairs(engine_args)
+    if kind == "vllm":
+        engine_flags(args, serve_flags(), _SERVE_RESERVED)
+    else:
+        engine_flags(args, fastchat_engine_flags(), _FASTCHAT_RESERVED)
+
+
 @dataclass(frozen=True)
 class ProcessCommand:
     """A process to supervise: argv and the environment it adds."""

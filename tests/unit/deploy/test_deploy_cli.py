@@ -106,3 +106,22 @@ def test_importing_deploy_for_the_host_agent_stays_light() -> None:
     code = f"import sys, deploy.runtime.hostagent; print(','.join(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("command", ["plan", "up"])
+def test_a_spec_with_three_mistakes_gets_three_errors_in_one_run(tmp_path: Path, command: str) -> None:
+    """Each with its yaml path, the engine argument judged against the hf worker; nothing starts."""
+    data = spec_data(state_dir=str(tmp_path / "s"))
+    data["api_server"]["host"] = "locl"
+    data["models"][0]["replicas"][0]["port"] = 70000
+    data["models"][0]["engine_args"] = {"max_model_length": 10}
+    result = invoke(command, write_spec(tmp_path, data))
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines[-1].endswith(
+        "3 problems: api_server.host, models[0].engine_args.max_model_length, models[0].replicas[0].port"
+    )
+    assert any("api_server.host: unknown host 'locl'" in line for line in lines)
+    assert any("model_worker) has no flag --max-model-length" in line for line in lines)
+    assert any("replicas[0].port: must be 1-65535" in line for line in lines)
+    assert not (tmp_path / "s").exists()  # nothing was started, not even a state directory
