@@ -1,0 +1,223 @@
+"""Sending requests to replicas: attempts with retry before the first byte, pass-through.
+
+A request goes to the replica :meth:`RoutingTable.pick` chooses. If the connection fails, or
+the replica answers 503, before anything was sent to the client, the replica is marked down
+(the registry probes it again) and the next one is tried; so a dying worker costs no request
+that had not started. Once bytes went to the client, a failure ends a stream with an error
+event and ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncGenerator, Callable, Iterator
+from typing import Any
+
+import httpx
+
+from deploy.runtime.gateway.errors import ApiError, BadRequest, NoReplica, error_event
+from deploy.runtime.gateway.registry import Registry
+from deploy.runtime.gateway.routing import Replica, RoutingTable
+
+__all__ = ["Forwarder", "Retry", "UpstreamFailed", "holding"]
+
+logger = logging.getLogger(__name__)
+
+_HOP_HEADERS = {b"content-type", b"x-request-id"}
+
+
+class Retry(Exception):
+    """This replica cannot serve the request now; try another."""
+
+
+class UpstreamFailed(ApiError):
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class Forwarder:
+    """Attempts on replicas of one routing table through one pooled client."""
+
+    def __init__(
+        self, table: RoutingTable, registry: Registry, client: httpx.AsyncClient, timeout: float
+    ) -> None:
+        self.table = table
+        self.registry = registry
+        self.client = client
+        self.timeout = httpx.Timeout(timeout, connect=5.0, pool=None)
+
+    def failed(self, replica: Replica, why: str) -> None:
+        """Take ``replica`` out of rotation and refresh the table now."""
+        if replica.up:
+            logger.warning("gateway: %s out of rotation: %s", replica.url, why)
+        self.table.mark_down(replica.url)
+        self.registry.wake()
+
+    def attempts(self, model: str, affinity: str | None) -> Iterator[Replica]:
+        """Replicas to try for one request, each once (hold each with :func:`holding`).
+
+        Raises:
+            NoReplica: none (or none left) is up.
+        """
+        tried: set[str] = set()
+        while True:
+            replica = self.table.pick(model, affinity=affinity, exclude=tried)
+            if replica is None:
+                raise NoReplica(f"no replica of {model!r} is up at the moment; retry shortly")
+            tried.add(replica.url)
+            yield replica
+
+    async def passthrough(
+        self,
+        send: Callable[[dict[str, Any]], Any],
+        path: str,
+        raw: bytes,
+        model: str,
+        affinity: str | None,
+        stream: bool,
+    ) -> None:
+        """The body to a ``vllm`` replica's OpenAI route as it is; the answer back unchanged."""
+        for replica in self.attempts(model, affinity):
+            with holding(replica):
+                if await self._passthrough_once(replica, send, path, raw, stream):
+                    return
+
+    async def _passthrough_once(
+        self, replica: Replica, send: Callable[[dict[str, Any]], Any], path: str, raw: bytes, stream: bool
+    ) -> bool:
+        """One attempt; False when the next replica should be tried (nothing was sent)."""
+        request = self.client.build_request(
+            "POST",
+            f"{replica.url}{path}",
+            content=raw,
+            headers={"content-type": "application/json"},
+            timeout=self.timeout,
+        )
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            self.failed(replica, f"{type(exc).__name__}: {exc}")
+            return False
+        try:
+            if response.status_code == 503:
+                await response.aread()
+                self.failed(replica, "answered 503")
+                return False
+            headers = [(k, v) for k, v in response.headers.raw if k.lower() in _HOP_HEADERS]
+            start = {"type": "http.response.start", "status": response.status_code, "headers": headers}
+            if not stream or response.status_code != 200:
+                try:
+                    body = await response.aread()
+                except httpx.TransportError as exc:
+                    self.failed(replica, f"{type(exc).__name__}: {exc}")
+                    return False
+                headers.append((b"content-length", str(len(body)).encode()))
+                await send(start)
+                await send({"type": "http.response.body", "body": body})
+                return True
+            chunks = response.aiter_raw()
+            try:
+                first = await chunks.__anext__()
+            except StopAsyncIteration:
+                first = b""
+            except httpx.TransportError as exc:
+                self.failed(replica, f"{type(exc).__name__}: {exc}")
+                return False
+            await send(start)
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            try:
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except httpx.TransportError as exc:
+                self.failed(replica, f"{type(exc).__name__} mid-stream: {exc}")
+                failure = UpstreamFailed("the replica failed while streaming; the answer is incomplete")
+                await send({"type": "http.response.body", "body": error_event(failure), "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return True
+        finally:
+            await response.aclose()
+
+    async def post_json(self, replica: Replica, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One JSON call to a worker (``/count_token``...).
+
+        Raises:
+            Retry: the replica cannot be reached (it is marked down).
+        """
+        try:
+            response = await self.client.post(f"{replica.url}{route}", json=body, timeout=self.timeout)
+            data = response.json()
+        except httpx.TransportError as exc:
+            self.failed(replica, f"{type(exc).__name__}: {exc}")
+            raise Retry from exc
+        except ValueError as exc:
+            raise UpstreamFailed(f"the worker's {route} answered no JSON") from exc
+        if response.status_code == 503:
+            self.failed(replica, "answered 503")
+            raise Retry
+        if not isinstance(data, dict) or response.status_code != 200:
+            raise UpstreamFailed(f"the worker's {route} answered {response.status_code}")
+        return data
+
+    async def worker_stream(
+        self, replica: Replica, params: dict[str, Any]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The objects of one FastChat ``/worker_generate_stream``.
+
+        Raises:
+            Retry: the replica failed before its first object (it is marked down).
+            UpstreamFailed: it failed after.
+            BadRequest: the worker refused the parameters (its error codes 4xxxx).
+        """
+        started = False
+        try:
+            async with self.client.stream(
+                "POST", f"{replica.url}/worker_generate_stream", json=params, timeout=self.timeout
+            ) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    if response.status_code in (502, 503):
+                        self.failed(replica, f"answered {response.status_code}")
+                        raise Retry
+                    raise UpstreamFailed(f"the worker answered {response.status_code}")
+                buffer = b""
+                async for chunk in response.aiter_raw():
+                    buffer += chunk
+                    *items, buffer = buffer.split(b"\0")
+                    for item in items:
+                        if not item:
+                            continue
+                        data = json.loads(item)
+                        code = data.get("error_code", 0)
+                        if code:
+                            raise _worker_error(code, str(data.get("text", "")))
+                        started = True
+                        yield data
+        except httpx.TransportError as exc:
+            self.failed(replica, f"{type(exc).__name__}: {exc}")
+            if not started:
+                raise Retry from exc
+            raise UpstreamFailed("the worker failed while generating; the answer is incomplete") from exc
+        except ValueError as exc:
+            raise UpstreamFailed("the worker sent an unreadable object") from exc
+
+
+def _worker_error(code: int, text: str) -> ApiError:
+    # FastChat's messages are its SERVER_ERROR_MSG plus an exception text; keep the gist only.
+    gist = text.split("\n\n(", 1)[-1].rstrip(")")[:300] if "\n\n(" in text else text[:300]
+    if 40000 <= code < 50000:
+        return BadRequest(gist or f"the worker refused the request (code {code})")
+    logger.warning("gateway: worker error %s: %s", code, text[:300])
+    return UpstreamFailed(f"the worker failed to generate (code {code})")
+
+
+@contextlib.contextmanager
+def holding(replica: Replica) -> Iterator[None]:
+    """Count a request as outstanding on ``replica`` (least-outstanding balancing)."""
+    replica.outstanding += 1
+    try:
+        yield
+    finally:
+        replica.outstanding -= 1
