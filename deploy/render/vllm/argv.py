@@ -83,6 +83,7 @@ def vllm_serve_command(
     gpus: Sequence[int] = (),
     trust_remote_code: bool = False,
     host: str = "127.0.0.1",
+    tool_call_parser: str | None = None,
 ) -> ProcessCommand:
     """``vllm serve MODEL`` on ``host:port`` (loopback) for one replica.
 
@@ -95,6 +96,7 @@ def vllm_serve_command(
         gpus: The replica's GPUs: ``CUDA_VISIBLE_DEVICES``, and the default tensor parallel size.
         trust_remote_code: Run the model repository's code (also ``engine_args.trust_remote_code``).
         host: Address to bind; loopback unless you know why not.
+        tool_call_parser: Turn tool calling on with this parser (``models[].tool_call_parser``).
 
     Raises:
         SpecError: An engine argument is unknown to the recorded ``vllm serve``, reserved or
@@ -109,6 +111,8 @@ def vllm_serve_command(
     if "tensor_parallel_size" not in args and tensor_parallel > 1:
         argv += ["--tensor-parallel-size", str(tensor_parallel)]
     argv += flags
+    if tool_call_parser:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", tool_call_parser]
     if trust:
         argv.append("--trust-remote-code")  # vLLM's default is off, so off needs no flag
     return ProcessCommand(tuple(argv), _gpu_env(gpus))

@@ -12,7 +12,11 @@ Every route FastChat's controller and API server call on a worker (``base_model_
 ``POST /count_token``           ``{"count": n, "error_code": 0}`` counted by vLLM
 ``POST /worker_get_embeddings`` an in-band error: this worker kind serves no embeddings
 ``GET /health``                 200 when ready, else 503 and the reason (not a FastChat route)
+``POST /v1/...``, ``/tokenize``  vLLM's OpenAI routes, passed through (:mod:`.passthrough`)
 =============================== =====================================================
+
+The generation routes and the pass-through routes answer only the client allowlist (the
+controller's and the API server's hosts) and loopback.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 
-def create_app(worker: BridgeWorker, *, allowlist: ClientAllowlist | None = None) -> FastAPI:
-    """The ASGI app; its lifespan runs the worker's check and heartbeat loop.
+def create_app(worker: BridgeWorker, *, allowlist: ClientAllowlist | None = None) -> Any:
+    """The ASGI app (FastAPI inside the pass-through); its lifespan runs the check and heartbeat loop.
 
     Args:
         worker: The bridge worker.
@@ -95,11 +99,16 @@ def create_app(worker: BridgeWorker, *, allowlist: ClientAllowlist | None = None
         status, body = worker.health()
         return JSONResponse(body, status_code=status)
 
-    if allowlist is not None:
-        from deploy.runtime.security import ClientAllowlistMiddleware
+    from deploy.runtime.vllm_bridge.passthrough import OPENAI_ROUTES, PassThrough
 
-        app.add_middleware(ClientAllowlistMiddleware, allowlist=allowlist)
-    return app
+    outer: Any = PassThrough(app, worker)
+    if allowlist is not None:
+        from deploy.runtime.security import GENERATION_ROUTES, ClientAllowlistMiddleware
+
+        outer = ClientAllowlistMiddleware(
+            outer, allowlist=allowlist, paths=(*GENERATION_ROUTES, *OPENAI_ROUTES)
+        )
+    return outer
 
 
 async def _params(request: Request) -> dict[str, Any]:

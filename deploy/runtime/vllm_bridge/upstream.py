@@ -173,6 +173,26 @@ class Upstream:
         except httpx.TransportError as exc:
             raise _unavailable(exc, COMPLETIONS) from exc
 
+    async def open(self, route: str, content: bytes) -> httpx.Response:
+        """A streamed ``POST route`` with ``content`` as the body (the OpenAI pass-through).
+
+        The caller reads and closes the response; closing it early makes vLLM abort the request.
+
+        Raises:
+            UpstreamUnavailable: vLLM cannot be reached.
+        """
+        request = self._client.build_request(
+            "POST",
+            route,
+            content=content,
+            headers={"content-type": "application/json"},
+            timeout=self._generation,
+        )
+        try:
+            return await self._client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise _unavailable(exc, route) from exc
+
     async def _send(
         self, method: str, route: str, body: Any = None, *, timeout: httpx.Timeout | None = None
     ) -> httpx.Response:
