@@ -293,6 +293,12 @@ class Choice:
     logprobs: dict[str, Any] | None = None
     usage: dict[str, int] = field(default_factory=dict)
 
+    def fix_usage(self, max_new_tokens: int) -> None:
+        """Correct FastChat's count of a reply cut at ``max_new_tokens`` (it reports one less)."""
+        if self.finish_reason == "length" and self.usage.get("completion_tokens") == max_new_tokens - 1:
+            self.usage["completion_tokens"] = max_new_tokens
+            self.usage["total_tokens"] = self.usage.get("prompt_tokens", 0) + max_new_tokens
+
     def advance(self, chunk: Mapping[str, Any]) -> str:
         """Take the worker's next object; returns the new text."""
         text = str(chunk.get("text", ""))

@@ -80,6 +80,7 @@ class HfService:
         choice = hf.Choice(index)
         async for _replica, item in self.generate(model, params, affinity):
             choice.advance(item)
+        choice.fix_usage(params["max_new_tokens"])
         return choice
 
     # ----- chat -----
@@ -151,6 +152,7 @@ class HfService:
                     ],
                     **extra,
                 }
+            choice.fix_usage(params["max_new_tokens"])
             if first:  # the worker sent nothing at all
                 yield {
                     **head,
@@ -245,6 +247,7 @@ class HfService:
                             ],
                             **extra,
                         }
+                choice.fix_usage(params["max_new_tokens"])
                 done.append(choice)
         if include_usage:
             yield {**head, "choices": [], "usage": _usage(done, per_prompt=n)}
