@@ -21,7 +21,7 @@ from deploy.runtime.gateway.errors import ApiError, BadRequest, NoReplica, error
 from deploy.runtime.gateway.registry import Registry
 from deploy.runtime.gateway.routing import Replica, RoutingTable
 
-__all__ = ["Forwarder", "Retry", "UpstreamFailed", "holding"]
+__all__ = ["Forwarder", "Retry", "UpstreamFailed", "WorkerLost", "holding"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ class UpstreamFailed(ApiError):
     status = 502
     type = "server_error"
     code = "upstream_error"
+
+
+class WorkerLost(UpstreamFailed):
+    """The connection to a worker broke after it had started answering (it is marked down)."""
 
 
 class Forwarder:
@@ -199,7 +203,7 @@ class Forwarder:
             self.failed(replica, f"{type(exc).__name__}: {exc}")
             if not started:
                 raise Retry from exc
-            raise UpstreamFailed("the worker failed while generating; the answer is incomplete") from exc
+            raise WorkerLost("the worker failed while generating; the answer is incomplete") from exc
         except ValueError as exc:
             raise UpstreamFailed("the worker sent an unreadable object") from exc
 

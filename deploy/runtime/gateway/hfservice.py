@@ -15,12 +15,13 @@ from typing import Any
 
 from deploy.runtime.gateway import hf
 from deploy.runtime.gateway.errors import ApiError, BadRequest, Unsupported, error_event
-from deploy.runtime.gateway.forward import Forwarder, Retry, holding
+from deploy.runtime.gateway.forward import Forwarder, Retry, WorkerLost, holding
 from deploy.runtime.gateway.routing import Replica
 
 __all__ = ["HfService"]
 
 Send = Any
+RETRIES_AFTER_LOSS = 2
 
 
 class HfService:
@@ -77,9 +78,18 @@ class HfService:
     async def _choice(
         self, index: int, model: str, params: dict[str, Any], affinity: str | None
     ) -> hf.Choice:
-        choice = hf.Choice(index)
-        async for _replica, item in self.generate(model, params, affinity):
-            choice.advance(item)
+        # Nothing of a non-streamed answer has reached the client: a worker lost midway is
+        # retried from the start on another replica (the lost one is out of rotation).
+        for attempt in range(RETRIES_AFTER_LOSS + 1):
+            choice = hf.Choice(index)
+            try:
+                async for _replica, item in self.generate(model, params, affinity):
+                    choice.advance(item)
+            except WorkerLost:
+                if attempt == RETRIES_AFTER_LOSS:
+                    raise
+                continue
+            break
         choice.fix_usage(params["max_new_tokens"])
         return choice
 
