@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-TIERS = ("unit", "integration", "multihost", "gpu")
+TIERS = ("unit", "integration", "multihost", "gpu", "vllm")
 TESTS_DIR = Path(__file__).parent
 
 
