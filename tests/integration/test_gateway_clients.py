@@ -20,8 +20,11 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny"
-HELLO = [{"role": "user", "content": "Hello"}]
-TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+HELLO: Any = [{"role": "user", "content": "Hello"}]
+TOOL: Any = {
+    "type": "function",
+    "function": {"name": "f", "parameters": {"type": "object", "properties": {}}},
+}
 
 
 @pytest.fixture
@@ -58,7 +61,7 @@ def test_chat_logprobs_come_from_the_worker(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3, logprobs=True)
     logprobs = reply.choices[0].logprobs
     assert logprobs is not None and logprobs.content
-    assert len(logprobs.content) == reply.usage.completion_tokens  # type: ignore[union-attr]
+    assert reply.usage is not None and len(logprobs.content) == reply.usage.completion_tokens
     assert all(item.logprob <= 0 for item in logprobs.content)
 
 
@@ -96,16 +99,17 @@ def test_what_the_hf_kind_cannot_do_is_a_400_naming_field_and_kind(
 
 
 def test_image_parts_are_refused_by_name(client: openai.OpenAI) -> None:
-    parts = [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    image = {"type": "image_url", "image_url": {"url": "data:,"}}
+    parts: Any = [{"type": "text", "text": "What is it?"}, image]
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=2
         )
-    assert caught.value.body["param"] == "messages[0].content[1]"  # type: ignore[index]
+    assert _body(caught)["param"] == "messages[0].content[1]"
 
 
 def test_text_content_parts_are_joined(client: openai.OpenAI) -> None:
-    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+    parts: Any = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
     joined = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=1
     )
@@ -128,23 +132,23 @@ def test_developer_role_is_the_system_message(client: openai.OpenAI) -> None:
 
 
 def test_tool_result_message_is_a_400_not_a_pydantic_dump(client: openai.OpenAI) -> None:
-    messages = [*HELLO, {"role": "tool", "content": "42", "tool_call_id": "call_1"}]
+    messages: Any = [*HELLO, {"role": "tool", "content": "42", "tool_call_id": "call_1"}]
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)  # type: ignore[arg-type]
-    assert caught.value.body["param"] == "messages[1].role"  # type: ignore[index]
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert _body(caught)["param"] == "messages[1].role"
 
 
 def test_responses_route_is_a_400_for_the_hf_kind(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model=MODEL, input="Hello")
-    assert "/v1/responses" in caught.value.body["message"]  # type: ignore[index]
+    assert "/v1/responses" in _body(caught)["message"]
 
 
 def test_unknown_model_is_404_model_not_found_naming_the_served(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="nope", messages=HELLO, max_tokens=2)
-    body = caught.value.body
-    assert body["code"] == "model_not_found" and MODEL in body["message"]  # type: ignore[index]
+    body = _body(caught)
+    assert body["code"] == "model_not_found" and MODEL in body["message"]
 
 
 def test_bad_key_is_401_with_a_message(front: Front) -> None:
@@ -153,7 +157,7 @@ def test_bad_key_is_401_with_a_message(front: Front) -> None:
         pytest.raises(openai.AuthenticationError) as caught,
     ):
         bad.models.list()
-    assert caught.value.body["message"] and caught.value.body["code"] == "invalid_api_key"  # type: ignore[index]
+    assert _body(caught)["message"] and _body(caught)["code"] == "invalid_api_key"
 
 
 def test_completions_echo_logprobs_and_prompt_lists(client: openai.OpenAI) -> None:
@@ -168,13 +172,13 @@ def test_completions_echo_logprobs_and_prompt_lists(client: openai.OpenAI) -> No
 def test_bounded_work_n_prompt_list_and_context(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=MODEL, messages=HELLO, n=1000, max_tokens=2)
-    assert caught.value.body["param"] == "n"  # type: ignore[index]
+    assert _body(caught)["param"] == "n"
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL, prompt=["x"] * 65, max_tokens=1)
-    assert caught.value.body["param"] == "prompt"  # type: ignore[index]
+    assert _body(caught)["param"] == "prompt"
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5000)
-    assert caught.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    assert _body(caught)["code"] == "context_length_exceeded"
 
 
 def test_errors_keep_the_connection_and_show_no_server_internals(http: httpx.Client) -> None:
@@ -219,3 +223,8 @@ def test_token_check_for_agent_llm(http: httpx.Client) -> None:
     )
     item = answer.json()["prompts"][0]
     assert item["tokenCount"] >= 1 and item["contextLength"] == 2048 and item["fits"] is True
+
+
+def _body(caught: Any) -> dict[str, Any]:
+    """The error object of a refused call (``openai``'s ``APIStatusError.body``)."""
+    return dict(caught.value.body)

@@ -15,17 +15,16 @@ import httpx
 import openai
 import pytest
 
-
 MODEL = "tiny"
-HELLO = [{"role": "user", "content": "Hello"}]
-TOOL = {
+HELLO: Any = [{"role": "user", "content": "Hello"}]
+TOOL: Any = {
     "type": "function",
     "function": {
         "name": "get_weather",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }
-SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+SCHEMA: Any = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 
 
 @pytest.fixture
@@ -54,7 +53,8 @@ def test_chat_logprobs_and_top_logprobs(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=MODEL, messages=HELLO, max_tokens=3, logprobs=True, top_logprobs=2
     )
-    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert reply.choices[0].logprobs is not None
+    content = reply.choices[0].logprobs.content
     assert content and all(len(item.top_logprobs) == 2 for item in content)
 
 
@@ -64,10 +64,10 @@ def test_tool_call_with_the_models_parser(client: openai.OpenAI) -> None:
         messages=HELLO,
         max_tokens=300,
         tools=[TOOL],
-        tool_choice="required",  # type: ignore[list-item]
+        tool_choice="required",
     )
     calls = reply.choices[0].message.tool_calls
-    assert calls and calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    assert calls and calls[0].type == "function" and calls[0].function.name == "get_weather"
 
 
 def test_response_format_json_schema(client: openai.OpenAI) -> None:
@@ -82,7 +82,7 @@ def test_response_format_json_schema(client: openai.OpenAI) -> None:
 
 
 def test_content_parts_developer_role_and_tool_result(client: openai.OpenAI) -> None:
-    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+    parts: Any = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
     messages: list[Any] = [
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": parts},
@@ -107,13 +107,13 @@ def test_responses_route(client: openai.OpenAI) -> None:
 def test_unknown_model_and_bad_key(vllm_front: Any, client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="nope", messages=HELLO, max_tokens=2)
-    assert caught.value.body["code"] == "model_not_found" and MODEL in caught.value.body["message"]  # type: ignore[index]
+    assert _body(caught)["code"] == "model_not_found" and MODEL in _body(caught)["message"]
     with (
         openai.OpenAI(base_url=vllm_front.front.base_url, api_key="bad", max_retries=0) as bad,
         pytest.raises(openai.AuthenticationError) as refused,
     ):
         bad.models.list()
-    assert refused.value.body["message"]  # type: ignore[index]
+    assert _body(refused)["message"]
 
 
 def test_tokenize_detokenize_and_echo_logprobs_equal_vllms_own(
@@ -129,7 +129,7 @@ def test_tokenize_detokenize_and_echo_logprobs_equal_vllms_own(
         f"{root}/detokenize", json={"model": MODEL, "tokens": tokens["tokens"]}, headers=headers
     )
     assert "Hello" in text.json()["prompt"]
-    body = {
+    body: Any = {
         "model": MODEL,
         "prompt": "Hello world",
         "max_tokens": 1,
@@ -137,7 +137,7 @@ def test_tokenize_detokenize_and_echo_logprobs_equal_vllms_own(
         "logprobs": 1,
         "temperature": 0,
     }
-    through = client.completions.create(**body)  # type: ignore[call-overload]
+    through = client.completions.create(**body)
     direct = httpx.post(f"{vllm_front.engine}/v1/completions", json=body).json()
     assert through.choices[0].logprobs.token_logprobs == direct["choices"][0]["logprobs"]["token_logprobs"]
 
@@ -163,3 +163,8 @@ def test_client_disconnect_aborts_the_request_in_vllm(vllm_front: Any) -> None:
             return
         time.sleep(0.2)
     pytest.fail(f"vLLM still runs the request 1.5 s after the client left: {running}")
+
+
+def _body(caught: Any) -> dict[str, Any]:
+    """The error object of a refused call (``openai``'s ``APIStatusError.body``)."""
+    return dict(caught.value.body)
