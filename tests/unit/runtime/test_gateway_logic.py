@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from deploy.runtime.gateway import hf
-from deploy.runtime.gateway.errors import BadRequest, ModelNotFound, Unsupported
-from deploy.runtime.gateway.limits import KeyGate, Limits, TooManyRequests, check_request
+from deploy.runtime.gateway.errors import BadRequest, ModelNotFound, TooManyRequests, Unsupported
+from deploy.runtime.gateway.limits import KeyGate, Limits, check_request
 from deploy.runtime.gateway.routing import Replica, RoutingTable
 from deploy.runtime.vllm_bridge.cli import conv_template
 from deploy.spec.model import ApiLimitsSpec
