@@ -139,7 +139,9 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
                 router, router_url = _start_router(router_bin, bridge_url, root)
             runner = LoopRunner()
             try:
-                client = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=None))
+                client = httpx.AsyncClient(
+                    timeout=120, limits=httpx.Limits(max_connections=None, keepalive_expiry=2.0)
+                )
                 auth = {"Authorization": f"Bearer {key}"}
                 paths = {
                     "direct": _post(client, f"{engine}/v1/chat/completions", {}, MODEL),

@@ -74,7 +74,10 @@ class Gateway:
         self.limits = limits = limits or Limits()
         self.table = RoutingTable()
         self.client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256), timeout=30.0
+            # Idle connections expire before the workers' uvicorn closes them (5 s), so a request
+            # rarely meets a connection closed under it.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0),
+            timeout=30.0,
         )
         self.registry = Registry(controller, self.table, self.client, refresh_interval)
         self.forwarder = Forwarder(self.table, self.registry, self.client, worker_timeout)

@@ -27,6 +27,7 @@ from deploy.runtime.security import API_KEYS_ENV, load_api_keys
 __all__ = ["build_parser", "main"]
 
 COMPONENT = "api_server"
+KEEP_ALIVE_SECONDS = 75
 LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
 logger = logging.getLogger("deploy.runtime.gateway")
 
@@ -111,4 +112,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         limits,
     )
     # No access log: a query string may carry a key; errors and refusals are logged by the app.
-    serve(app, component=COMPONENT, host=args.host, port=args.port, log_level="info", access_log=False, **tls)
+    # Keep-alive longer than clients keep idle connections (httpx: 5 s), so none is closed under them.
+    serve(
+        app,
+        component=COMPONENT,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        **tls,
+    )

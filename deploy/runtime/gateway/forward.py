@@ -53,25 +53,36 @@ class Forwarder:
         self.client = client
         self.timeout = httpx.Timeout(timeout, connect=5.0, pool=None)
 
-    def failed(self, replica: Replica, why: str) -> None:
-        """Take ``replica`` out of rotation and refresh the table now."""
+    def failed(self, replica: Replica, why: str, exc: Exception | None = None) -> None:
+        """Take ``replica`` out of rotation and refresh the table now.
+
+        Only when it refused the connection (or said 503): a read or protocol error on a reused
+        connection may be a keep-alive the replica had just closed, and the next attempt (on a
+        new connection) says whether the replica is really gone.
+        """
+        if exc is not None and not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            logger.info("gateway: %s: %s; trying again", replica.url, why)
+            return
         if replica.up:
             logger.warning("gateway: %s out of rotation: %s", replica.url, why)
         self.table.mark_down(replica.url)
         self.registry.wake()
 
     def attempts(self, model: str, affinity: str | None) -> Iterator[Replica]:
-        """Replicas to try for one request, each once (hold each with :func:`holding`).
+        """Replicas to try for one request (hold each with :func:`holding`).
 
         Raises:
             NoReplica: none (or none left) is up.
         """
-        tried: set[str] = set()
+        # Each replica at most twice (a second time on a new connection), others first.
+        once: set[str] = set()
+        twice: set[str] = set()
         while True:
-            replica = self.table.pick(model, affinity=affinity, exclude=tried)
+            replica = self.table.pick(model, affinity=affinity, exclude=once | twice)
+            replica = replica or self.table.pick(model, affinity=affinity, exclude=twice)
             if replica is None:
                 raise NoReplica(f"no replica of {model!r} is up at the moment; retry shortly")
-            tried.add(replica.url)
+            (twice if replica.url in once else once).add(replica.url)
             yield replica
 
     async def passthrough(
@@ -103,7 +114,7 @@ class Forwarder:
         try:
             response = await self.client.send(request, stream=True)
         except httpx.TransportError as exc:
-            self.failed(replica, f"{type(exc).__name__}: {exc}")
+            self.failed(replica, f"{type(exc).__name__}: {exc}", exc)
             return False
         try:
             if response.status_code == 503:
@@ -116,7 +127,7 @@ class Forwarder:
                 try:
                     body = await response.aread()
                 except httpx.TransportError as exc:
-                    self.failed(replica, f"{type(exc).__name__}: {exc}")
+                    self.failed(replica, f"{type(exc).__name__}: {exc}", exc)
                     return False
                 headers.append((b"content-length", str(len(body)).encode()))
                 await send(start)
@@ -128,7 +139,7 @@ class Forwarder:
             except StopAsyncIteration:
                 first = b""
             except httpx.TransportError as exc:
-                self.failed(replica, f"{type(exc).__name__}: {exc}")
+                self.failed(replica, f"{type(exc).__name__}: {exc}", exc)
                 return False
             await send(start)
             await send({"type": "http.response.body", "body": first, "more_body": True})
@@ -154,7 +165,7 @@ class Forwarder:
             response = await self.client.post(f"{replica.url}{route}", json=body, timeout=self.timeout)
             data = response.json()
         except httpx.TransportError as exc:
-            self.failed(replica, f"{type(exc).__name__}: {exc}")
+            self.failed(replica, f"{type(exc).__name__}: {exc}", exc)
             raise Retry from exc
         except ValueError as exc:
             raise UpstreamFailed(f"the worker's {route} answered no JSON") from exc
@@ -200,7 +211,7 @@ class Forwarder:
                         started = True
                         yield data
         except httpx.TransportError as exc:
-            self.failed(replica, f"{type(exc).__name__}: {exc}")
+            self.failed(replica, f"{type(exc).__name__}: {exc}", exc)
             if not started:
                 raise Retry from exc
             raise WorkerLost("the worker failed while generating; the answer is incomplete") from exc

@@ -79,7 +79,9 @@ class Upstream:
             headers=headers,
             transport=transport,
             timeout=self._probe,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            # keepalive_expiry below uvicorn's 5 s (vLLM's server): a reused connection is rarely
+            # one vLLM has just closed.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0),
         )
         self.health_route = HEALTH
         self.tokenize_route = TOKENIZE
