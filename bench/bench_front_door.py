@@ -134,7 +134,7 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
             lambda: httpx.get(f"{bridge_url}/health", timeout=5).is_success, what="bridge", watch=[bridge]
         )
         with gateway(launcher, controller_url=controller_url, key_file=root / "api_keys", api_key=key,
-                     models=[MODEL]) as front:  # fmt: skip
+                     models=[MODEL], args=("--per-key-concurrency", "1024")) as front:  # fmt: skip
             if router_bin:
                 router, router_url = _start_router(router_bin, bridge_url, root)
             runner = LoopRunner()

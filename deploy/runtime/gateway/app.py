@@ -161,8 +161,19 @@ class Gateway:
             raise BadRequest("the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
-        with self.gate.hold(key):
-            await until_disconnect(self._dispatch(send, scope, path, raw, body), receive)
+        release = self.gate.acquire(key)
+
+        async def send_then_release(message: dict[str, Any]) -> None:
+            # Free the slot before the last byte goes out: a client that sends its next request
+            # as soon as this one ends must find the slot free.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()
+            await send(message)
+
+        try:
+            await until_disconnect(self._dispatch(send_then_release, scope, path, raw, body), receive)
+        finally:
+            release()
 
     async def _dispatch(
         self, send: Any, scope: dict[str, Any], path: str, raw: bytes, body: dict[str, Any]

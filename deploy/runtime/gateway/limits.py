@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +67,8 @@ class KeyGate:
         self.limit = limit
         self.open: dict[str, int] = {}
 
-    @contextlib.contextmanager
-    def hold(self, key: str) -> Iterator[None]:
-        """One open request of ``key`` for the ``with`` block.
+    def acquire(self, key: str) -> Callable[[], None]:
+        """One open request of ``key``; call the returned function (any number of times) to end it.
 
         Raises:
             TooManyRequests: the key has ``limit`` requests open already.
@@ -81,14 +80,29 @@ class KeyGate:
                 "retry when one has finished"
             )
         self.open[key] = count + 1
-        try:
-            yield
-        finally:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
             left = self.open[key] - 1
             if left:
                 self.open[key] = left
             else:
                 del self.open[key]
+
+        return release
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        """:meth:`acquire` for the ``with`` block."""
+        release = self.acquire(key)
+        try:
+            yield
+        finally:
+            release()
 
 
 def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
