@@ -113,6 +113,7 @@ class Gateway:
                     self._loop.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await self._loop
+                await self.forwarder.aclose()
                 await self.client.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

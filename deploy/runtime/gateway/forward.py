@@ -9,12 +9,14 @@ event and ``[DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
+import aiohttp
 import httpx
 
 from deploy.runtime.gateway.errors import ApiError, BadRequest, NoReplica, error_event
@@ -26,6 +28,8 @@ __all__ = ["Forwarder", "Retry", "UpstreamFailed", "WorkerLost", "holding"]
 logger = logging.getLogger(__name__)
 
 _HOP_HEADERS = {b"content-type", b"x-request-id"}
+_JSON = {"content-type": "application/json", "accept-encoding": "identity"}  # bytes relayed as they come
+KEEPALIVE_SECONDS = 2.0  # below the replicas' uvicorn keep-alive (5 s)
 
 
 class Retry(Exception):
@@ -52,6 +56,8 @@ class Forwarder:
         self.registry = registry
         self.client = client
         self.timeout = httpx.Timeout(timeout, connect=5.0, pool=None)
+        self._aiohttp: aiohttp.ClientSession | None = None
+        self._aiohttp_timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=timeout)
 
     def failed(self, replica: Replica, why: str, exc: Exception | None = None) -> None:
         """Take ``replica`` out of rotation and refresh the table now.
@@ -100,60 +106,65 @@ class Forwarder:
                 if await self._passthrough_once(replica, send, path, raw, stream):
                     return
 
+    def _session(self) -> aiohttp.ClientSession:
+        # aiohttp for the pass-through: per request it costs a fraction of httpx's CPU, and
+        # on a 2-core host that CPU is the engine's. Created in the running loop, on first use.
+        if self._aiohttp is None:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS)
+            self._aiohttp = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return self._aiohttp
+
+    async def aclose(self) -> None:
+        """Close the pass-through connections."""
+        if self._aiohttp is not None:
+            await self._aiohttp.close()
+
     async def _passthrough_once(
         self, replica: Replica, send: Callable[[dict[str, Any]], Any], path: str, raw: bytes, stream: bool
     ) -> bool:
         """One attempt; False when the next replica should be tried (nothing was sent)."""
-        request = self.client.build_request(
-            "POST",
-            f"{replica.url}{path}",
-            content=raw,
-            headers={"content-type": "application/json"},
-            timeout=self.timeout,
-        )
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx.TransportError as exc:
-            self.failed(replica, f"{type(exc).__name__}: {exc}", exc)
+            response = await self._session().post(
+                f"{replica.url}{path}", data=raw, headers=_JSON, timeout=self._aiohttp_timeout
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self.failed(replica, f"{type(exc).__name__}: {exc}", _as_httpx(exc))
             return False
         try:
-            if response.status_code == 503:
-                await response.aread()
+            if response.status == 503:
+                await response.read()
                 self.failed(replica, "answered 503")
                 return False
-            headers = [(k, v) for k, v in response.headers.raw if k.lower() in _HOP_HEADERS]
-            start = {"type": "http.response.start", "status": response.status_code, "headers": headers}
-            if not stream or response.status_code != 200:
+            headers = [(k, v) for k, v in response.raw_headers if k.lower() in _HOP_HEADERS]
+            start = {"type": "http.response.start", "status": response.status, "headers": headers}
+            if not stream or response.status != 200:
                 try:
-                    body = await response.aread()
-                except httpx.TransportError as exc:
-                    self.failed(replica, f"{type(exc).__name__}: {exc}", exc)
+                    body = await response.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    self.failed(replica, f"{type(exc).__name__}: {exc}", _as_httpx(exc))
                     return False
                 headers.append((b"content-length", str(len(body)).encode()))
                 await send(start)
                 await send({"type": "http.response.body", "body": body})
                 return True
-            chunks = response.aiter_raw()
             try:
-                first = await chunks.__anext__()
-            except StopAsyncIteration:
-                first = b""
-            except httpx.TransportError as exc:
-                self.failed(replica, f"{type(exc).__name__}: {exc}", exc)
+                first = await response.content.readany()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                self.failed(replica, f"{type(exc).__name__}: {exc}", _as_httpx(exc))
                 return False
             await send(start)
             await send({"type": "http.response.body", "body": first, "more_body": True})
             try:
-                async for chunk in chunks:
+                while chunk := await response.content.readany():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except httpx.TransportError as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 self.failed(replica, f"{type(exc).__name__} mid-stream: {exc}")
                 failure = UpstreamFailed("the replica failed while streaming; the answer is incomplete")
                 await send({"type": "http.response.body", "body": error_event(failure), "more_body": True})
             await send({"type": "http.response.body", "body": b""})
             return True
         finally:
-            await response.aclose()
+            response.release()
 
     async def post_json(self, replica: Replica, route: str, body: dict[str, Any]) -> dict[str, Any]:
         """One JSON call to a worker (``/count_token``...).
@@ -236,3 +247,10 @@ def holding(replica: Replica) -> Iterator[None]:
         yield
     finally:
         replica.outstanding -= 1
+
+
+def _as_httpx(exc: BaseException) -> Exception:
+    """aiohttp's failure in httpx's terms for :meth:`Forwarder.failed`: refused, or something else."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(exc))
+    return httpx.ReadError(str(exc))

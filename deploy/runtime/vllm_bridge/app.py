@@ -41,14 +41,20 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 
-def create_app(worker: BridgeWorker, *, allowlist: ClientAllowlist | None = None) -> Any:
+def create_app(
+    worker: BridgeWorker, *, allowlist: ClientAllowlist | None = None, api_key: str | None = None
+) -> Any:
     """The ASGI app (FastAPI inside the pass-through); its lifespan runs the check and heartbeat loop.
 
     Args:
         worker: The bridge worker.
         allowlist: When given, the generation routes answer only these client addresses and
             loopback (the same middleware as the hardened model_worker).
+        api_key: vLLM's key, if it has one (sent on the pass-through's calls).
     """
+    from deploy.runtime.vllm_bridge.passthrough import OPENAI_ROUTES, PassThrough
+
+    passthrough = PassThrough(None, worker, api_key=api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -57,6 +63,7 @@ def create_app(worker: BridgeWorker, *, allowlist: ClientAllowlist | None = None
             yield
         finally:
             await worker.aclose()
+            await passthrough.aclose()
             loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
@@ -99,9 +106,8 @@ def create_app(worker: BridgeWorker, *, allowlist: ClientAllowlist | None = None
         status, body = worker.health()
         return JSONResponse(body, status_code=status)
 
-    from deploy.runtime.vllm_bridge.passthrough import OPENAI_ROUTES, PassThrough
-
-    outer: Any = PassThrough(app, worker)
+    passthrough.app = app
+    outer: Any = passthrough
     if allowlist is not None:
         from deploy.runtime.security import GENERATION_ROUTES, ClientAllowlistMiddleware
 
