@@ -192,10 +192,60 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
         launcher.stop_all()
 
 
+def hf_kind() -> None:
+    """Our gateway vs FastChat's API server, on the same controller and transformers worker."""
+    from bench.stack import fastchat_stack
+
+    with fastchat_stack(limit_worker_concurrency=16) as stack, tempfile.TemporaryDirectory() as tmp:
+        assert stack.key_file is not None
+        launcher = RuntimeLauncher(Path(tmp) / "logs")
+        unlimited = ("--per-key-concurrency", "1024")
+        with gateway(launcher, controller_url=stack.controller_url, key_file=stack.key_file,
+                     api_key=stack.api_key, models=[MODEL], args=unlimited) as front:  # fmt: skip
+            runner = LoopRunner()
+            try:
+                client = httpx.AsyncClient(
+                    timeout=120, limits=httpx.Limits(max_connections=None, keepalive_expiry=2.0)
+                )
+                auth = {"Authorization": f"Bearer {stack.api_key}"}
+                paths = {
+                    "fastchat": _post(client, f"{stack.base_url}/chat/completions", auth, MODEL),
+                    "gateway": _post(client, f"{front.base_url}/chat/completions", auth, MODEL),
+                }
+                fastchat_pids = [stack.pids["api_server"], stack.pids["controller"]]
+                pids: dict[str, Sequence[int]] = {"fastchat": fastchat_pids, "gateway": [front.process.pid]}
+                c1 = runner.run(_c1(paths, scaled(20)))
+                rates, cpu = runner.run(_throughput(paths, 16, BATCHES, pids))
+                base = median(c1["fastchat"])
+                rows = [
+                    [name, ms(median(c1[name])), f"{(median(c1[name]) - base) * 1000:+.1f}",
+                     f"{rates[name]:.2f}", f"{rates[name] / rates['fastchat']:.3f}",
+                     f"{cpu[name] * 1000:.1f}"]
+                    for name in paths
+                ]  # fmt: skip
+                print("### hf kind: the gateway vs FastChat's API server (same worker)\n")
+                print(table(["server", "p50 c=1", "vs FastChat ms", "req/s c=16", "x FastChat",
+                             "server CPU ms/req (c=16)"], rows))  # fmt: skip
+                print()
+                print(
+                    ratio_line(
+                        "front_door_hf_c16", rates["gateway"] / rates["fastchat"], ">= 1.0x FastChat's"
+                    )
+                )
+                runner.run(client.aclose())
+            finally:
+                runner.close()
+
+
 def main() -> None:
+    if os.environ.get("BENCH_FRONT_DOOR_HF", "1") != "0":
+        hf_kind()
     engine = os.environ.get("AGENT_LLM_VLLM_URL")
     if not engine:
-        print("front_door: skipped (set AGENT_LLM_VLLM_URL to a vLLM serving the tiny model as 'tiny')")
+        print(
+            "front_door: vllm kind skipped "
+            "(set AGENT_LLM_VLLM_URL to a vLLM serving the tiny model as 'tiny')"
+        )
         return
     with tempfile.TemporaryDirectory(prefix="bench-front-door-") as tmp:
         vllm_kind(engine.rstrip("/"), os.environ.get("VLLM_ROUTER_BIN"), Path(tmp))
