@@ -228,3 +228,13 @@ def test_token_check_for_agent_llm(http: httpx.Client) -> None:
 def _body(caught: Any) -> dict[str, Any]:
     """The error object of a refused call (``openai``'s ``APIStatusError.body``)."""
     return dict(caught.value.body)
+
+
+def test_metrics_behind_the_key_count_requests_and_tokens(front: Front, http: httpx.Client) -> None:
+    assert httpx.get(f"{front.root}/metrics").status_code == 401
+    reply = http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 2})
+    assert reply.status_code == 200
+    text = http.get("/metrics").text
+    assert 'llm_gateway_requests_total{model="tiny",kind="hf",key="key-1",status="200"}' in text
+    assert 'llm_gateway_tokens_total{model="tiny",kind="hf",key="key-1",type="completion"}' in text
+    assert "llm_gateway_first_byte_seconds_bucket" in text and front.api_key not in text

@@ -168,3 +168,18 @@ def test_client_disconnect_aborts_the_request_in_vllm(vllm_front: Any) -> None:
 def _body(caught: Any) -> dict[str, Any]:
     """The error object of a refused call (``openai``'s ``APIStatusError.body``)."""
     return dict(caught.value.body)
+
+
+def test_metrics_count_pass_through_tokens(vllm_front: Any, client: openai.OpenAI) -> None:
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    list(
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_tokens=2, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    headers = {"Authorization": f"Bearer {vllm_front.front.api_key}"}
+    text = httpx.get(f"{vllm_front.front.root}/metrics", headers=headers).text
+    line = next(
+        ln for ln in text.splitlines() if ln.startswith('llm_gateway_tokens_total{model="tiny",kind="vllm"')
+    )
+    assert int(line.rsplit(" ", 1)[1]) >= 2

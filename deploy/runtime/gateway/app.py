@@ -9,6 +9,7 @@
 ``POST /v1/embeddings``         ``vllm`` only (embedding models)
 ``POST /tokenize``, ``/detokenize`` ``vllm`` only
 ``POST /api/v1/token_check``    FastChat's token count (``agent_llm``), through the workers' ``/count_token``
+``GET /metrics``                Prometheus text (:mod:`.metrics`), behind the key
 =============================== ============================================================
 
 Everything else is a 404 in OpenAI's format. Every error is OpenAI's error object; an
@@ -22,12 +23,13 @@ import contextlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import httpx
 
-from deploy.runtime.asgi import BodyTooLarge, read_body, send_json, until_disconnect
+from deploy.runtime.asgi import BodyTooLarge, read_body, send_bytes, send_json, until_disconnect
 from deploy.runtime.gateway.errors import (
     ApiError,
     BadRequest,
@@ -38,6 +40,7 @@ from deploy.runtime.gateway.errors import (
 from deploy.runtime.gateway.forward import Forwarder
 from deploy.runtime.gateway.hfservice import HfService
 from deploy.runtime.gateway.limits import KeyGate, Limits, check_request, too_large
+from deploy.runtime.gateway.metrics import Metrics
 from deploy.runtime.gateway.registry import Registry
 from deploy.runtime.gateway.routing import RoutingTable
 
@@ -83,6 +86,7 @@ class Gateway:
         self.forwarder = Forwarder(self.table, self.registry, self.client, worker_timeout)
         self.hf = HfService(self.forwarder)
         self.gate = KeyGate(limits.per_key_concurrency)
+        self.metrics = Metrics()
         self._loop: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -119,8 +123,8 @@ class Gateway:
                 return
 
     def _key_name(self, scope: dict[str, Any]) -> str:
-        if not self._keys:
-            return "open"
+        if not self._keys:  # an open API: the concurrency limit applies per client address
+            return f"open:{_client(scope)}"
         token = None
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
@@ -145,6 +149,10 @@ class Gateway:
             await send_json(send, 200, {"status": "ok"})
             return
         key = self._key_name(scope)
+        if method == "GET" and path == "/metrics":
+            text = self.metrics.render().encode()
+            await send_bytes(send, 200, text, content_type=b"text/plain; version=0.0.4; charset=utf-8")
+            return
         if method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")):
             await self._models(send, path)
             return
@@ -163,18 +171,42 @@ class Gateway:
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         release = self.gate.acquire(key)
+        started = time.perf_counter()
+        seen: dict[str, Any] = {"status": 0, "first": None, "usage": None}
 
         async def send_then_release(message: dict[str, Any]) -> None:
-            # Free the slot before the last byte goes out: a client that sends its next request
-            # as soon as this one ends must find the slot free.
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                release()
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                chunk = message.get("body", b"")
+                if seen["first"] is None and chunk:
+                    seen["first"] = time.perf_counter() - started
+                if b'"usage"' in chunk:
+                    seen["usage"] = _usage_in(chunk) or seen["usage"]
+                # Free the slot before the last byte goes out: a client that sends its next
+                # request as soon as this one ends must find the slot free.
+                if not message.get("more_body", False):
+                    release()
             await send(message)
 
         try:
             await until_disconnect(self._dispatch(send_then_release, scope, path, raw, body), receive)
+        except ApiError as exc:
+            seen["status"] = exc.status
+            raise
         finally:
             release()
+            model = body.get("model")
+            kind = self.table.kind(model) if isinstance(model, str) else None
+            self.metrics.record(
+                model=model if kind is not None and isinstance(model, str) else "unknown",
+                kind=kind or "-",
+                key=key,
+                status=seen["status"] or 499,  # nothing sent: the client went away
+                seconds=time.perf_counter() - started,
+                first_byte=seen["first"],
+                usage=seen["usage"],
+            )
 
     async def _dispatch(
         self, send: Any, scope: dict[str, Any], path: str, raw: bytes, body: dict[str, Any]
@@ -272,6 +304,24 @@ def _affinity(scope: dict[str, Any], body: dict[str, Any]) -> str | None:
             return f"s:{bytes(value).decode('latin-1')}"
     user = body.get("user")
     return f"u:{user}" if isinstance(user, str) and user else None
+
+
+def _usage_in(chunk: bytes) -> dict[str, Any] | None:
+    """The ``usage`` object in an answer, or in the server-sent events of a chunk of a stream."""
+    candidates = [chunk]
+    if chunk.startswith(b"data:") or b"\ndata:" in chunk:
+        candidates = [
+            line[5:] for line in chunk.splitlines() if line.startswith(b"data:") and b'"usage"' in line
+        ]
+    for candidate in candidates:
+        try:
+            data = json.loads(candidate)
+        except ValueError:
+            continue
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if isinstance(usage, dict):
+            return usage
+    return None
 
 
 def _client(scope: dict[str, Any]) -> str:

@@ -179,3 +179,18 @@ def test_spec_limit_defaults_are_the_gateways() -> None:
     assert (spec.max_body_bytes, spec.max_n, spec.max_prompts, spec.per_key_concurrency) == (
         runtime.max_body_bytes, runtime.max_n, runtime.max_prompts, runtime.per_key_concurrency,
     )  # fmt: skip
+
+
+def test_metrics_render_prometheus_text() -> None:
+    from deploy.runtime.gateway.metrics import Metrics
+
+    metrics = Metrics()
+    usage = {"prompt_tokens": 5, "completion_tokens": 2}
+    metrics.record(
+        model="m", kind="vllm", key="key-1", status=200, seconds=0.03, first_byte=0.01, usage=usage
+    )
+    text = metrics.render()
+    assert 'llm_gateway_requests_total{model="m",kind="vllm",key="key-1",status="200"} 1' in text
+    assert 'llm_gateway_tokens_total{model="m",kind="vllm",key="key-1",type="prompt"} 5' in text
+    assert 'llm_gateway_request_seconds_bucket{model="m",kind="vllm",le="0.05"} 1' in text
+    assert 'llm_gateway_request_seconds_bucket{model="m",kind="vllm",le="0.025"} 0' in text
