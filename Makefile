@@ -7,11 +7,12 @@ STAMP  := $(VENV)/.installed
 TINY   := .cache/models/toy-model
 PYTEST_ARGS ?=
 
-.PHONY: help venv system-deps demo test lint unit integration multihost bench constraints clean
+.PHONY: help venv vllm-venv system-deps demo test lint unit integration vllm multihost bench constraints clean
 
 help:
 	@echo "make demo   bring up the local default cluster (tiny model), query it through the generated config"
-	@echo "make test   lint + every test tier (unit, integration, multihost; gpu skips without a GPU)"
+	@echo "make test   lint + every test tier (unit, integration, vllm, multihost; gpu skips without a GPU)"
+	@echo "make vllm-venv  the vLLM engine's venv (.cache/vllm-venv, pins in constraints-vllm.txt)"
 	@echo "make bench  run the benchmarks in bench/"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -20,6 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 venv: $(STAMP)
+
+# vLLM's CPU build in a venv of its own (configs/cluster/local-vllm.yaml uses it; tests/vllm builds it too).
+vllm-venv: $(STAMP)
+	$(BIN)/python -m devtools.vllm_env
 
 # Debian packages the multihost tests need (sshd, ip netns); installed only when missing and root.
 system-deps:
@@ -35,7 +40,7 @@ test: $(STAMP) system-deps lint
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose, an empty run proves nothing"; exit 1; fi; \
 	exit $$rc
 
-unit integration multihost: $(STAMP)
+unit integration vllm multihost: $(STAMP)
 	$(BIN)/python -m pytest -m $@ $(PYTEST_ARGS)
 
 demo: $(STAMP)

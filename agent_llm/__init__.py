@@ -18,7 +18,9 @@ from agent_llm.errors import (
     HumanInputClosedError,
     ModelNotFoundError,
     ServiceUnavailableError,
+    StructuredOutputError,
 )
+from agent_llm.structured import ToolCall, ToolReply
 
 __all__ = [
     "AgentLLMError",
@@ -35,4 +37,7 @@ __all__ = [
     "OptionScores",
     "ScoringUnavailable",
     "ServiceUnavailableError",
+    "StructuredOutputError",
+    "ToolCall",
+    "ToolReply",
 ]

@@ -4,6 +4,10 @@ A backend implements :meth:`~LanguageBackend.count_tokens` and
 :meth:`~LanguageBackend.chat_completion`; :meth:`~LanguageBackend.choose_from_options` works for
 every backend out of the box (generate, then match the answer to an option) and uses option
 scoring instead where the backend provides :meth:`~LanguageBackend.score_options`.
+:meth:`~LanguageBackend.structured_completion` likewise works everywhere (generate, validate,
+re-ask once) and is constrained where the backend provides
+:meth:`~LanguageBackend.constrained_json`; :meth:`~LanguageBackend.tool_completion` exists only
+where the server supports tool calls.
 """
 
 from __future__ import annotations
@@ -17,10 +21,23 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast, get_args
 
 from agent_llm.choice import MAX_TOKENS_KEYS, match_option, parse_answer, reask_messages, with_options
-from agent_llm.errors import ChoiceError, ConfigurationError, ContextLengthExceededError
+from agent_llm.errors import (
+    ChoiceError,
+    ConfigurationError,
+    ContextLengthExceededError,
+    StructuredOutputError,
+)
+from agent_llm.structured import (
+    OutputSchema,
+    StructuredMethod,
+    ToolReply,
+    schema_messages,
+    schema_reask_messages,
+)
 
 __all__ = [
     "ChoiceMethod",
+    "ConstraintUnavailable",
     "LanguageBackend",
     "Message",
     "MetricsLogger",
@@ -30,7 +47,7 @@ __all__ = [
 ]
 
 Message = Mapping[str, Any]
-ChoiceMethod = Literal["auto", "loglik", "generate"]
+ChoiceMethod = Literal["auto", "loglik", "generate", "constrained"]
 
 
 class MetricsLogger(Protocol):
@@ -41,6 +58,11 @@ class MetricsLogger(Protocol):
 
 class ScoringUnavailable(Exception):
     """Raised by :meth:`LanguageBackend.score_options` when this backend cannot score these options."""
+
+
+class ConstraintUnavailable(Exception):
+    """Raised by :meth:`LanguageBackend.constrained_json` / ``constrained_choice`` where the
+    backend (or its server) cannot constrain generation."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +100,9 @@ class LanguageBackend(ABC):
         context_length: The model's context length in tokens; prompts that cannot fit with the
             answer raise :class:`~agent_llm.errors.ContextLengthExceededError`.
         choice_method: How :meth:`choose_from_options` decides: ``loglik`` (score the options),
-            ``generate`` (generate, then match the answer), or ``auto`` (score where possible).
+            ``generate`` (generate, then match the answer), ``constrained`` (one generation
+            constrained to the options: HF grammar, or the server's guided ``choice``), or
+            ``auto`` (score where possible, else generate).
         choice_min_similarity: Lowest similarity in [0, 1] accepted by fuzzy option matching.
         history_limit: Keep only this many recent history entries (None keeps all).
 
@@ -151,7 +175,8 @@ class LanguageBackend(ABC):
 
         Raises:
             ChoiceError: ``generate`` found no option in the answer, twice.
-            ConfigurationError: ``loglik`` was forced but this backend cannot score.
+            ConfigurationError: ``loglik`` or ``constrained`` was forced but this backend cannot
+                do it.
             ValueError: ``options`` is empty.
         """
         unique = list(dict.fromkeys(options))
@@ -163,6 +188,8 @@ class LanguageBackend(ABC):
         if len(unique) == 1:
             self.record_choice(messages, unique, unique[0], unique[0], {"choice_method": "single"})
             return unique[0]
+        if method == "constrained":
+            return self._choose_constrained(messages, unique, kwargs)
         fallback = None
         if method in ("auto", "loglik"):
             try:
@@ -172,6 +199,94 @@ class LanguageBackend(ABC):
                     raise ConfigurationError(f"choice_method: loglik is not available here: {exc}") from exc
                 fallback = str(exc)
         return self._choose_by_generation(messages, unique, parse_func, kwargs, fallback)
+
+    def constrained_choice(
+        self, messages: Sequence[Message], options: Sequence[str], settings: Mapping[str, Any]
+    ) -> tuple[str, dict[str, Any]]:
+        """Generate one reply that can only be one of ``options``; override where possible.
+
+        Returns the reply's text and facts for the history entry; records no history itself
+        (:meth:`choose_from_options` records the choice).
+
+        Raises:
+            ConstraintUnavailable: This backend (or its server) cannot constrain generation.
+        """
+        raise ConstraintUnavailable(f"{type(self).__name__} cannot constrain generation to options")
+
+    def constrained_json(
+        self, messages: Sequence[Message], schema: OutputSchema, settings: Mapping[str, Any]
+    ) -> tuple[str, StructuredMethod]:
+        """Generate one reply constrained to JSON valid against ``schema``; override where possible.
+
+        Returns the reply's text and how it was constrained (``server`` or ``constrained``); the
+        call is recorded in ``history`` by the backend, as any generation is.
+
+        Raises:
+            ConstraintUnavailable: This backend (or its server) cannot constrain generation.
+        """
+        raise ConstraintUnavailable(f"{type(self).__name__} cannot constrain generation to a schema")
+
+    def constraint_ignored(self, problem: str) -> bool:
+        """Called when a constrained reply is invalid anyway; True lets the re-ask take over.
+
+        A server that silently drops ``response_format`` (FastChat ignores unknown fields) gives
+        such replies; a backend set to try its server (``auto``) answers True and stops trying.
+        """
+        return False
+
+    def structured_completion(self, messages: Sequence[Message], schema: Any, **kwargs: Any) -> Any:
+        """A reply valid against ``schema``: a JSON Schema dict (returns the parsed JSON) or a
+        pydantic model class (returns an instance).
+
+        Constrained where the backend can (the server's ``response_format``, or the HF backend's
+        grammar); elsewhere the schema goes into the prompt, the reply is validated with
+        ``jsonschema`` and re-asked once with the validation error. ``history[-1]`` records the
+        way taken in ``structured_method`` (``server``, ``constrained`` or ``reask``) and the value
+        in ``parsed_response``. ``kwargs`` are generation settings for this call.
+
+        Raises:
+            ConfigurationError: ``schema`` is not a JSON Schema dict or a pydantic model class.
+            StructuredOutputError: No valid reply (after the re-ask, where there was one).
+        """
+        spec = OutputSchema.of(schema)
+        settings = {"temperature": 0, **kwargs}
+        before = len(self.history)
+        try:
+            text, method = self.constrained_json(messages, spec, settings)
+        except ConstraintUnavailable as exc:
+            return self._structured_by_reask(messages, spec, settings, str(exc))
+        value, problem = spec.problem(text)
+        details: dict[str, Any] = {"structured_method": method, "structured_schema": spec.name}
+        if problem is None:
+            self._amend_or_record(before, messages, text, value, details)
+            return value
+        self._amend_or_record(before, messages, text, None, {**details, "structured_problem": problem})
+        if not self.constraint_ignored(problem):
+            raise StructuredOutputError(text, problem, f" (constrained by {method})")
+        return self._structured_by_reask(
+            messages, spec, settings, f"the {method} ignored the schema", first=(text, problem)
+        )
+
+    def tool_completion(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Mapping[str, Any]],
+        tool_choice: Any = "auto",
+        **kwargs: Any,
+    ) -> ToolReply:
+        """A reply that may call ``tools`` (OpenAI's format), with the calls as typed objects.
+
+        ``tool_choice`` is ``auto``, ``none``, ``required`` or ``{"type": "function", "function":
+        {"name": ...}}``, as in OpenAI's API. Only backends whose server supports tool calls
+        implement it.
+
+        Raises:
+            ConfigurationError: This backend cannot make tool calls.
+        """
+        raise ConfigurationError(
+            f"{type(self).__name__} cannot make tool calls; use the OpenAI backend, or the FastChat "
+            "backend with structured_outputs: server on a vLLM-kind cluster"
+        )
 
     def batch_chat_completion(
         self,
@@ -260,7 +375,87 @@ class LanguageBackend(ABC):
             self.history[-1].update(updates)
             return True
 
+    def _amend_or_record(
+        self,
+        history_len_before: int,
+        messages: Sequence[Message],
+        output: str,
+        parsed: Any,
+        details: dict[str, Any],
+    ) -> None:
+        updates = {"parsed_response": parsed, **details}
+        if self.amend_last_entry(history_len_before, updates):
+            self.log({f"llm:{k}": v for k, v in updates.items()})
+        else:
+            self.record_call(messages, output, parsed, **details)
+
+    # ----- structured_completion by generate -> validate -> re-ask -----
+
+    def _structured_by_reask(
+        self,
+        messages: Sequence[Message],
+        spec: OutputSchema,
+        settings: Mapping[str, Any],
+        fallback: str,
+        first: tuple[str, str] | None = None,
+    ) -> Any:
+        asked = schema_messages(messages, spec)
+        attempts: list[int] = [1, 2]
+        if first is not None:
+            # The ignored constrained reply was the first answer: one re-ask is left.
+            asked = schema_reask_messages(asked, *first)
+            attempts = [2]
+        raw, problem = "", ""
+        for attempt in attempts:
+            before = len(self.history)
+            raw = str(self.chat_completion(asked, None, **settings))
+            value, found = spec.problem(raw)
+            details: dict[str, Any] = {
+                "structured_method": "reask",
+                "structured_schema": spec.name,
+                "structured_attempt": attempt,
+                "structured_fallback": fallback,
+            }
+            if found is None:
+                self._amend_or_record(before, asked, raw, value, details)
+                return value
+            problem = found
+            self._amend_or_record(before, asked, raw, None, {**details, "structured_problem": problem})
+            asked = schema_reask_messages(asked, raw, problem)
+        raise StructuredOutputError(raw, problem, " (after one re-ask)")
+
     # ----- choose_from_options, by method -----
+
+    def _choose_constrained(
+        self, messages: Sequence[Message], options: list[str], settings: Mapping[str, Any]
+    ) -> str:
+        started = time.monotonic()
+        try:
+            raw, details = self.constrained_choice(messages, options, {"temperature": 0, **settings})
+        except ConstraintUnavailable as exc:
+            raise ConfigurationError(f"choice_method: constrained is not available here: {exc}") from exc
+        found = match_option(raw, options, min_similarity=self.choice_min_similarity)
+        if found is None or found.kind != "exact":
+            # A constrained reply is an option verbatim; anything else means it was not constrained.
+            problem = f"the constrained reply {raw!r} is not an option verbatim"
+            if self.constraint_ignored(problem):
+                return self._choose_by_generation(messages, options, None, settings, problem)
+            if found is None:
+                raise ChoiceError(raw, options, " (constrained generation that was not constrained)")
+        self.record_choice(
+            messages,
+            options,
+            raw,
+            found.option,
+            {
+                "choice_method": "constrained",
+                "match": found.kind,
+                "latency_s": round(time.monotonic() - started, 4),
+                **{k: v for k, v in details.items() if k != "prompt_tokens"},
+            },
+            prompt_tokens=details.get("prompt_tokens"),
+        )
+        return found.option
 
     def _choose_by_scores(self, messages: Sequence[Message], options: list[str]) -> str:
         started = time.monotonic()

@@ -8,6 +8,7 @@ libraries underneath (openai, httpx, transformers) are translated at the boundar
     ├── ConfigurationError            a backend setting is missing or wrong (names the key)
     ├── ContextLengthExceededError    prompt tokens + max new tokens > context_length (also a ValueError)
     ├── ChoiceError                   no option could be matched to the model's (or human's) answer
+    ├── StructuredOutputError         the answer is not JSON valid against the schema (also a ValueError)
     ├── HumanInputClosedError         the Human backend's input stream ended
     └── BackendError                  a request to a model server failed
         ├── AuthenticationError       401/403: the API key was rejected (never retried)
@@ -31,6 +32,7 @@ __all__ = [
     "HumanInputClosedError",
     "ModelNotFoundError",
     "ServiceUnavailableError",
+    "StructuredOutputError",
 ]
 
 
@@ -78,6 +80,21 @@ class ChoiceError(AgentLLMError):
         self.options = list(options)
         shown = ", ".join(repr(o) for o in self.options[:10]) + (" ..." if len(self.options) > 10 else "")
         super().__init__(f"answer {answer!r} matches none of the options [{shown}]{detail}")
+
+
+class StructuredOutputError(AgentLLMError, ValueError):
+    """The answer is not JSON valid against the schema (after the re-ask, where there was one).
+
+    Attributes:
+        answer: The last answer's text.
+        problem: What is wrong with it (the validation error).
+    """
+
+    def __init__(self, answer: str, problem: str, detail: str = "") -> None:
+        self.answer = answer
+        self.problem = problem
+        shown = answer if len(answer) <= 200 else answer[:200] + "..."
+        super().__init__(f"{problem}{detail} Answer: {shown!r}")
 
 
 class HumanInputClosedError(AgentLLMError, EOFError):

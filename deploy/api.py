@@ -17,7 +17,7 @@ from deploy.errors import DeployError
 from deploy.health.doctor import DoctorReport, open_connectors, run_doctor
 from deploy.health.status import ClusterStatus, cluster_status
 from deploy.hosts.connector import Connector
-from deploy.hosts.group import UnreachableConnector, connect, observe, on_hosts
+from deploy.hosts.group import Hosts, UnreachableConnector, connect, observe, on_hosts
 from deploy.hosts.observed import ObservedState
 from deploy.hosts.supervisor import DownResult
 from deploy.lock import cluster_lock
@@ -27,6 +27,7 @@ from deploy.orchestration.up import UpResult, run_up
 from deploy.render.components import build_components, host_paths
 from deploy.report import RecordingReporter, Reporter
 from deploy.security.hostkeys import read_key_store
+from deploy.security.keystore import mask, mask_known
 from deploy.spec.model import ClusterSpec
 
 __all__ = ["doctor", "down", "follow_logs", "logs", "plan", "status", "up", "watch"]
@@ -68,14 +69,23 @@ def up(
         DeployError: with the phase, host and component that failed.
     """
     reporter = reporter or RecordingReporter()
-    build_components(spec)  # bad engine arguments are refused before any connection
+    # Derived once: bad engine arguments are refused before any connection; doctor and admission
+    # judge these (the planner derives its own, with the key store's digest and admitted hosts).
+    components = build_components(spec)
     with cluster_lock(spec.name, action="up"), ExitStack() as stack:
         # One connector per host for the whole command: doctor's connections are reused by up.
         opened = stack.enter_context(open_connectors(spec, connectors))
+        healthy = _already_running(spec, opened, stack)
+        if healthy is not None:
+            # Every component runs with this spec's fingerprints: nothing doctor checks can have
+            # changed what runs; the health phase still proves the cluster serves.
+            with reporter.phase("doctor") as phase:
+                phase.detail = "skipped: every component already runs with this spec"
+            return run_up(healthy, reporter, output_dir=output_dir)
         with reporter.phase("doctor") as phase:
-            report = run_doctor(spec, opened)
+            report = run_doctor(spec, opened, components)
             phase.detail = report.summary()
-            admission = admit(spec, report)
+            admission = admit(spec, report, components)
         for check in report.checks:
             if check.status != "ok":
                 reporter.note(f"  {check.mark} {check.host} {check.name}: {check.detail}")
@@ -94,6 +104,17 @@ def up(
             )
         result = run_up(hosts, reporter, output_dir=output_dir)
         return dataclasses.replace(result, left_out=admission.left_out)
+
+
+def _already_running(spec: ClusterSpec, opened: Mapping[str, Connector], stack: ExitStack) -> Hosts | None:
+    """The connected hosts when every host answers and the plan is empty, else None."""
+    try:
+        hosts = stack.enter_context(connect(spec, connectors=opened))
+        digest = read_key_store(hosts).digest if spec.api_server.key_enabled else ""
+        observed, _ = observe(hosts)
+    except DeployError:
+        return None  # doctor says what is wrong, host by host
+    return None if make_plan(hosts.spec, observed, api_key_digest=digest) else hosts
 
 
 def doctor(spec: ClusterSpec, *, connectors: Connectors = None) -> DoctorReport:
@@ -169,19 +190,33 @@ def _component_host(spec: ClusterSpec, component: str) -> str:
     return names[component]
 
 
-def _only(spec: ClusterSpec, host: str) -> ClusterSpec:
-    """The spec reduced to one host: reading a log reaches that host only (the others may be down)."""
-    return dataclasses.replace(spec, hosts=(spec.host(host),))
+def _only(spec: ClusterSpec, *names: str) -> ClusterSpec:
+    """The spec reduced to some hosts: reading a log reaches its host and the key store's only."""
+    return dataclasses.replace(spec, hosts=tuple(h for h in spec.hosts if h.name in names))
 
 
 def logs(spec: ClusterSpec, component: str, *, lines: int = 50, connectors: Connectors = None) -> str:
     """The last ``lines`` lines of a component's log."""
     host = _component_host(spec, component)
-    with connect(_only(spec, host), connectors=connectors) as hosts:
+    with connect(_only(spec, host, spec.api_server.host), connectors=connectors, allow_down=True) as hosts:
+        masker = _key_masker(hosts, host)
         text = hosts.agents[host].read(host_paths(hosts.spec.host(host)).log(component), tail_lines=lines)
     if text is None:
         raise DeployError(f"{component} on {host} has no log yet (it never started)")
-    return text
+    return masker(text)
+
+
+def _key_masker(hosts: Hosts, log_host: str) -> Callable[[str], str]:
+    """Replaces every key of the cluster (the API host's store, and any this process held) by ****.
+
+    Raises:
+        DeployError: ``log_host`` cannot be reached (a down API host only loses its store's keys).
+    """
+    if log_host in hosts.down:
+        raise hosts.down[log_host]
+    api = hosts.spec.api_server
+    keys = read_key_store(hosts).keys if api.key_enabled and api.host not in hosts.down else ()
+    return lambda text: mask_known(mask(text, keys))
 
 
 def follow_logs(
@@ -200,19 +235,23 @@ def follow_logs(
     fixed interval instead of a deadline.
     """
     host = _component_host(spec, component)
-    with connect(_only(spec, host), connectors=connectors) as hosts:
+    with connect(_only(spec, host, spec.api_server.host), connectors=connectors, allow_down=True) as hosts:
+        masker = _key_masker(hosts, host)
         agent = hosts.agents[host]
         path = host_paths(hosts.spec.host(host)).log(component)
-        first = agent.one({"op": "read", "path": path, "tail_lines": lines})
-        write(first.get("text", "") + ("\n" if first.get("text") else ""))
+        first = agent.read_part(path, tail_lines=lines)
+        write(masker(first.get("text", "")) + ("\n" if first.get("text") else ""))
         offset = int(first.get("size", 0))
+        pending = ""  # an unfinished last line: a key may be cut in two between reads
         while not stop():
             time.sleep(interval)
-            answer = agent.one({"op": "read", "path": path, "offset": offset})
+            answer = agent.read_part(path, offset=offset)
             size = int(answer.get("size", 0))
             if size < offset:  # rotated: start again from the top of the new file
                 offset = 0
                 continue
-            if answer.get("text"):
-                write(answer["text"])
+            text = pending + answer.get("text", "")
+            complete, newline, pending = text.rpartition("\n")
+            if newline:
+                write(masker(complete + newline))
             offset = int(answer.get("end", offset))

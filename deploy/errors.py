@@ -65,6 +65,10 @@ class SpecError(DeployError):
     """The cluster spec is invalid; ``path`` is the yaml path of the offending key."""
 
     def __init__(self, path: str, problem: str, *, source: str | None = None) -> None:
+        from deploy.runtime.text import escape_controls
+
+        # A key or value quoted in the message must not reach the terminal raw.
+        path, problem = escape_controls(path), escape_controls(problem)
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{path}: {problem}" if path else f"{where}{problem}")
         self.path = path

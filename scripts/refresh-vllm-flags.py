@@ -12,6 +12,9 @@ Two records live in ``deploy/render/data/`` (read by :mod:`deploy.render.vllm`):
 - ``vllm_engine_flags_0.6.2.json``: the engine flags ``fastchat.serve.vllm_worker`` adds from
   vLLM 0.6.2 (the last release it runs with; the ``fastchat-vllm`` kind). Written by the
   ``engine-static`` mode, which reads ``vllm/engine/arg_utils.py`` with ``ast`` (no import).
+- ``fastchat_model_worker_flags.json``: the flags of FastChat's ``model_worker`` (the ``hf``
+  kind), read with the same ``ast`` method from the installed ``fastchat/serve/model_worker.py``
+  and ``fastchat/model/model_adapter.py`` (``add_model_args``): the ``model-worker`` mode.
 
 Usage::
 
@@ -19,6 +22,7 @@ Usage::
         [--out deploy/render/data/vllm_serve_flags.json]
     python scripts/refresh-vllm-flags.py engine-static ARG_UTILS_PY --version 0.6.2 \\
         [--out deploy/render/data/vllm_engine_flags_0.6.2.json]
+    python scripts/refresh-vllm-flags.py model-worker   # with fschat installed
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DATA = Path(__file__).resolve().parents[1] / "deploy" / "data"
+DATA = Path(__file__).resolve().parents[1] / "deploy" / "render" / "data"
 NEGATIVE_PREFIXES = ("--no-", "--disable-")
 
 
@@ -42,9 +46,20 @@ def serve_flags(vllm_src: Path | None) -> tuple[str, list[dict[str, Any]]]:
         sys.path.insert(0, str(vllm_src))
     # Choosing the CPU platform lets the config defaults build on a machine without a GPU.
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    import importlib
+
     import vllm
-    from vllm.entrypoints.common.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    # The parser `vllm serve` (and the api_server module) builds; it moved in 0.32.
+    for where in ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.common.cli_args"):
+        try:
+            make_arg_parser = importlib.import_module(where).make_arg_parser
+            break
+        except ModuleNotFoundError:
+            continue
+    else:
+        raise SystemExit(f"vLLM {vllm.__version__}: no make_arg_parser where 0.32/0.33 keep it")
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
     flags = []
@@ -103,8 +118,11 @@ def _literal(node: ast.expr | None) -> Any:
         return None  # computed (e.g. a list of quantization methods): not recorded
 
 
-def write(out: Path, version: str, method: str, command: str, flags: list[dict[str, Any]]) -> None:
+def write(
+    out: Path, version: str, method: str, command: str, flags: list[dict[str, Any]], engine: str = "vLLM"
+) -> None:
     record = {
+        "engine": engine,
         "vllm_version": version,
         "recorded": datetime.date.today().isoformat(),
         "method": method,
@@ -112,7 +130,7 @@ def write(out: Path, version: str, method: str, command: str, flags: list[dict[s
         "flags": flags,
     }
     out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    print(f"{out}: {len(flags)} flags of {command} (vLLM {version})")
+    print(f"{out}: {len(flags)} flags of {command} ({engine} {version})")
 
 
 def main() -> None:
@@ -126,12 +144,34 @@ def main() -> None:
     static.add_argument("arg_utils", type=Path)
     static.add_argument("--version", required=True)
     static.add_argument("--out", type=Path)
+    modes.add_parser("model-worker", help="flags of FastChat's model_worker (the installed fschat), with ast")
     args = parser.parse_args()
-    if args.mode == "serve":
+    if args.mode == "model-worker":
+        import importlib.metadata
+
+        import fastchat
+
+        base = Path(fastchat.__file__).parent
+        found = engine_flags_static(base / "serve" / "model_worker.py")
+        found += engine_flags_static(base / "model" / "model_adapter.py")
+        flags = sorted({f["flag"]: f for f in found}.values(), key=lambda f: f["flag"])
+        method = (
+            "static: ast of fastchat/serve/model_worker.py (its __main__ parser) and "
+            "fastchat/model/model_adapter.py (add_model_args) of the installed fschat"
+        )
+        write(
+            DATA / "fastchat_model_worker_flags.json",
+            importlib.metadata.version("fschat"),
+            method,
+            "model_worker",
+            flags,
+            engine="FastChat",
+        )
+    elif args.mode == "serve":
         version, flags = serve_flags(args.vllm_src)
         method = (
-            "introspected: the argparse actions of vllm.entrypoints.common.cli_args.make_arg_parser"
-            "(FlexibleArgumentParser()), the parser of `vllm serve`"
+            "introspected: the argparse actions of vllm's make_arg_parser(FlexibleArgumentParser())"
+            " (vllm.entrypoints.launchers.cli_args from 0.32), the parser of `vllm serve`"
             + (f"; {args.method_note}" if args.method_note else "")
         )
         write(args.out, version, method, "vllm serve", flags)

@@ -1,7 +1,7 @@
 """Shared fixtures and the test tiers.
 
 Each test's tier is the folder it lives in (``tests/unit``, ``tests/integration``,
-``tests/multihost``, ``tests/gpu``); the matching marker is added here, so ``pytest -m unit``
+``tests/vllm``, ``tests/multihost``, ``tests/gpu``); the matching marker is added here, so ``pytest -m unit``
 selects a tier and a test outside those folders is an error rather than an unmarked test.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-TIERS = ("unit", "integration", "multihost", "gpu", "vllm")
+TIERS = ("unit", "integration", "vllm", "multihost", "gpu")
 TESTS_DIR = Path(__file__).parent
 
 

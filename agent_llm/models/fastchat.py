@@ -13,6 +13,14 @@ So token counts come from the server, and option scoring renders the prompt loca
 - ``choose_from_options``: with ``conv_template`` on a transformers ``model_worker``, every
   ``prompt + option + end-of-turn`` is scored in one ``/v1/completions`` request
   (``echo`` + ``logprobs``, nothing generated but one token); otherwise generate and match.
+- structured output, tool calls and ``choice_method: constrained``: ``structured_outputs``
+  (default ``auto``) decides whether ``response_format``, ``tools`` and guided ``choice`` are
+  sent. FastChat's own server drops fields it does not know, silently, so ``auto`` judges by
+  the reply: JSON that fails the schema, a choice that is not an option verbatim, or a message
+  without a ``tool_calls`` field (vLLM always sends one, FastChat never) means "not supported",
+  and from then on structured output goes by generate -> validate -> re-ask, choices by
+  generation, and tool calls raise. On a vLLM-kind cluster set ``server``; on the ``hf`` kind,
+  ``reask`` saves the first wasted request.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, cast
 
 from agent_llm.backend import Message, OptionScores, ScoringUnavailable
-from agent_llm.errors import ConfigurationError, ContextLengthExceededError
+from agent_llm.errors import BadRequestError, ConfigurationError, ContextLengthExceededError
 from agent_llm.models.openai import OpenAILanguageBackend
+from agent_llm.structured import StructuredOutputs
 from agent_llm.tokens import message_text
 
 __all__ = ["FastChatLanguageBackend", "render_conversation"]
@@ -77,12 +86,18 @@ class FastChatLanguageBackend(OpenAILanguageBackend):
     Args:
         conv_template: The worker's ``--conv-template`` (e.g. ``qwen-7b-chat``); enables cheap
             token counts and option scoring by log-likelihood.
+        tokenize_endpoint: Count tokens with the server's ``POST /tokenize`` and the messages
+            (vLLM's; the model's own chat template), instead of the FastChat ways above.
     """
 
     default_api_key_env: ClassVar[str] = "FASTCHAT_API_KEY"
+    default_structured_outputs: ClassVar[StructuredOutputs] = "auto"
 
-    def __init__(self, *args: Any, conv_template: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, conv_template: str | None = None, tokenize_endpoint: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.tokenize_endpoint = tokenize_endpoint
         if not self.server_ip:
             raise ConfigurationError("server_ip: required for FastChat (the API server's URL ending in /v1)")
         self.conv_template = conv_template
@@ -95,6 +110,17 @@ class FastChatLanguageBackend(OpenAILanguageBackend):
     def _missing_key(self) -> str:
         # A FastChat server started without --api-keys accepts any key; the client needs one.
         return "EMPTY"
+
+    def _check_tools_honoured(self, message: Any) -> None:
+        if "tool_calls" in message.model_fields_set:
+            return
+        reason = (
+            f"{self.where} ignored the tools (its reply has no tool_calls field: a FastChat server "
+            "whose worker cannot call tools, such as the hf kind); use a vLLM-kind cluster"
+        )
+        if self.structured_outputs == "auto":
+            self.server_structured_unavailable = reason
+        raise BadRequestError(reason)
 
     # ----- count_tokens -----
 
@@ -115,7 +141,9 @@ class FastChatLanguageBackend(OpenAILanguageBackend):
             if key in self._counts:
                 self._counts.move_to_end(key)
                 return self._counts[key]
-        if self.conv_template:
+        if self.tokenize_endpoint:
+            count = self._tokenize(messages)
+        elif self.conv_template:
             count = self._token_check(self._render(messages))
         else:
             count = self._chat_prompt_tokens(messages)
@@ -144,6 +172,23 @@ class FastChatLanguageBackend(OpenAILanguageBackend):
                 f"{self.where}: the server reports no usage; it is not a FastChat API server"
             )
         return int(response.usage.prompt_tokens)
+
+    def _tokenize(self, messages: Sequence[Message]) -> int:
+        body = {
+            "model": self.model_id,
+            "messages": [dict(m) for m in messages],
+            "add_generation_prompt": True,
+        }
+        reply: Any = self.request(
+            "token count", lambda: self.client.post(f"{self._root}/tokenize", cast_to=object, body=body)
+        )
+        try:
+            return int(reply["count"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ConfigurationError(
+                f"tokenize_endpoint: unexpected /tokenize reply {reply!r} from {self.where}; "
+                "is it a vLLM-kind server?"
+            ) from exc
 
     def _token_check(self, prompt: str) -> int:
         body = {"prompts": [{"model": self.model_id, "prompt": prompt, "max_tokens": 0}]}

@@ -7,6 +7,7 @@ transient failures itself (:mod:`agent_llm.retry`) and translates every failure 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -16,8 +17,16 @@ from typing import Any, ClassVar, TypeVar, cast
 
 import openai
 
-from agent_llm.backend import ChoiceMethod, LanguageBackend, Message, MetricsLogger, merge_settings
+from agent_llm.backend import (
+    ChoiceMethod,
+    ConstraintUnavailable,
+    LanguageBackend,
+    Message,
+    MetricsLogger,
+    merge_settings,
+)
 from agent_llm.errors import (
+    AgentLLMError,
     AuthenticationError,
     BackendError,
     BadRequestError,
@@ -27,6 +36,13 @@ from agent_llm.errors import (
     ServiceUnavailableError,
 )
 from agent_llm.retry import RetriesExhausted, RetryPolicy, call_with_retries
+from agent_llm.structured import (
+    OutputSchema,
+    StructuredMethod,
+    StructuredOutputs,
+    ToolReply,
+    parse_tool_calls,
+)
 from agent_llm.tokens import count_chat_tokens, encoding_for_model
 
 __all__ = ["DEFAULT_MAX_TOKENS", "OpenAILanguageBackend", "resolve_api_key"]
@@ -38,6 +54,15 @@ _log = logging.getLogger(__name__)
 # FastChat (code 40303) uses the same wording.
 _CONTEXT_NUMBERS = re.compile(r"maximum context length is (\d+) tokens.*?resulted in (\d+) tokens", re.S)
 _TRANSIENT_STATUS = frozenset({408, 409, 429})
+# Words in a 400 that say the server does not take the structured-output or tool fields.
+_UNSUPPORTED_FIELDS = (
+    "response_format",
+    "json_schema",
+    "tools",
+    "tool_choice",
+    "structured_outputs",
+    "guided",
+)
 
 
 def resolve_api_key(api_key: str | None, api_key_env: str) -> str | None:
@@ -70,6 +95,15 @@ class OpenAILanguageBackend(LanguageBackend):
         check_context: Count the prompt before each call and refuse one that cannot fit.
         max_tokens_param: Name of the answer-length field sent (default: ``max_completion_tokens``
             for OpenAI's own API, ``max_tokens`` elsewhere).
+        structured_outputs: ``server`` sends ``response_format``, ``tools`` and guided ``choice``
+            to the server; ``reask`` never does (structured output by generate -> validate ->
+            re-ask, no tool calls, no constrained choice); ``auto`` tries the server and falls back
+            to ``reask`` for good when it refuses the fields (a 400 naming them) or ignores them.
+        guided_choice_param: How a constrained choice is asked of a non-OpenAI server:
+            ``structured_outputs`` (vLLM's ``{"structured_outputs": {"choice": [...]}}``) or
+            ``guided_choice`` (older vLLM). OpenAI's own API gets an ``enum`` schema instead.
+        structured_strict: Send ``strict: true`` in ``response_format`` (OpenAI's strict mode,
+            which needs ``additionalProperties: false`` throughout).
         **generation_kwargs: Default settings for ``chat.completions.create`` (``temperature``,
             ``max_tokens``, ``top_p``, ``stop``...); per-call settings override them.
     """
@@ -91,6 +125,9 @@ class OpenAILanguageBackend(LanguageBackend):
         tiktoken_encoding: str | None = None,
         check_context: bool = True,
         max_tokens_param: str | None = None,
+        structured_outputs: StructuredOutputs | None = None,
+        guided_choice_param: str = "structured_outputs",
+        structured_strict: bool = False,
         choice_method: ChoiceMethod = "auto",
         choice_min_similarity: float = 0.6,
         history_limit: int | None = None,
@@ -115,6 +152,22 @@ class OpenAILanguageBackend(LanguageBackend):
         official = self.server_ip is None or "api.openai.com" in self.server_ip
         self.max_tokens_param = max_tokens_param or ("max_completion_tokens" if official else "max_tokens")
         self.generation_kwargs = dict(generation_kwargs)
+        self.structured_outputs: StructuredOutputs = structured_outputs or self.default_structured_outputs
+        if self.structured_outputs not in ("server", "reask", "auto"):
+            raise ConfigurationError(
+                f"structured_outputs: {self.structured_outputs!r} is not one of server, reask, auto"
+            )
+        if guided_choice_param not in ("structured_outputs", "guided_choice"):
+            raise ConfigurationError(
+                f"guided_choice_param: {guided_choice_param!r} is not structured_outputs or guided_choice"
+            )
+        self.guided_choice_param = guided_choice_param
+        self.structured_strict = structured_strict
+        self.official = official
+        # Why the server was found not to take the structured fields ("auto" stops trying).
+        self.server_structured_unavailable: str | None = None
+
+    default_structured_outputs: ClassVar[StructuredOutputs] = "server"
 
     @property
     def where(self) -> str:
@@ -137,10 +190,145 @@ class OpenAILanguageBackend(LanguageBackend):
         self, messages: Sequence[Message], parse_func: Callable[[str], Any] | None = None, **kwargs: Any
     ) -> Any:
         """One chat completion; returns ``parse_func(text)`` (the text when None)."""
+        return self._chat(messages, kwargs, parse_func)[2]
+
+    # ----- structured output, tools, constrained choice -----
+
+    def constrained_json(
+        self, messages: Sequence[Message], schema: OutputSchema, settings: Any
+    ) -> tuple[str, StructuredMethod]:
+        """One chat completion with ``response_format: json_schema`` (guided decoding on vLLM)."""
+        self._require_server("structured output")
+        try:
+            text = self._chat(
+                messages, settings, None, {"response_format": schema.response_format(self.structured_strict)}
+            )[0]
+        except BadRequestError as exc:
+            raise self._refused(exc) from exc
+        return text, "server"
+
+    def constrained_choice(
+        self, messages: Sequence[Message], options: Sequence[str], settings: Any
+    ) -> tuple[str, dict[str, Any]]:
+        """One generation the server constrains to ``options`` (vLLM ``choice``, OpenAI ``enum``)."""
+        self._require_server("constrained choice")
+        wanted = list(options)
+        if self.official:
+            schema = OutputSchema(
+                {
+                    "type": "object",
+                    "properties": {"choice": {"type": "string", "enum": wanted}},
+                    "required": ["choice"],
+                    "additionalProperties": False,
+                },
+                "choice",
+            )
+            extra: dict[str, Any] = {"response_format": schema.response_format(strict=True)}
+        elif self.guided_choice_param == "guided_choice":
+            extra = {"extra_body": {"guided_choice": wanted}}
+        else:
+            extra = {"extra_body": {"structured_outputs": {"choice": wanted}}}
+        call = {**settings, "max_tokens": settings.get("max_tokens") or 16 + max(len(o) for o in wanted)}
+        try:
+            text, response, _ = self._chat(messages, call, None, extra, record=False)
+        except BadRequestError as exc:
+            raise self._refused(exc) from exc
+        if self.official:
+            # An unparsable reply (a refusal) is matched as text by the caller.
+            with contextlib.suppress(AgentLLMError):
+                text = str(schema.parse(text)["choice"])
+        usage = response.usage
+        return text, {
+            "guided": "response_format" if self.official else self.guided_choice_param,
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+        }
+
+    def constraint_ignored(self, problem: str) -> bool:
+        if self.structured_outputs != "auto":
+            return False
+        self.server_structured_unavailable = f"{self.where} ignored the structured-output fields ({problem})"
+        _log.warning("%s: structured outputs by re-ask from now on: %s", self.model_id, problem)
+        return True
+
+    def tool_completion(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[Any],
+        tool_choice: Any = "auto",
+        **kwargs: Any,
+    ) -> ToolReply:
+        """One chat completion with ``tools``; the calls come back as :class:`ToolCall` objects.
+
+        Raises:
+            ConfigurationError: ``structured_outputs: reask``, or ``auto`` after the server refused.
+            BadRequestError: The server refused the tools, or ignored them (see FastChat).
+        """
+        if self.structured_outputs == "reask" or self.server_structured_unavailable:
+            raise ConfigurationError(
+                f"structured_outputs: {self.where} is set (or found) not to support tool calls "
+                f"({self.server_structured_unavailable or 'reask'}); tool calls need a server that "
+                "supports them (OpenAI, a vLLM-kind cluster) and structured_outputs: server or auto"
+            )
+        extra = {"tools": [dict(t) for t in tools], "tool_choice": tool_choice}
+        try:
+            text, response, _ = self._chat(messages, kwargs, None, extra, record=False)
+        except BadRequestError as exc:
+            if self.structured_outputs == "auto" and _names_unsupported_field(str(exc)):
+                self.server_structured_unavailable = str(exc)
+            raise
+        message = response.choices[0].message
+        self._check_tools_honoured(message)
+        finish = response.choices[0].finish_reason
+        reply = ToolReply(text or None, parse_tool_calls(message.tool_calls), finish)
+        usage = response.usage
+        self.record_call(
+            messages,
+            text,
+            reply,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            finish_reason=reply.finish_reason,
+            tool_calls=[{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls],
+            structured_method="server",
+        )
+        return reply
+
+    def _check_tools_honoured(self, message: Any) -> None:
+        """Raise where the reply shows the server dropped ``tools`` (only FastChat can tell)."""
+
+    def _require_server(self, what: str) -> None:
+        if self.structured_outputs == "reask":
+            raise ConstraintUnavailable(f"structured_outputs: reask ({what} is not asked of {self.where})")
+        if self.server_structured_unavailable:
+            raise ConstraintUnavailable(self.server_structured_unavailable)
+
+    def _refused(self, exc: BadRequestError) -> Exception:
+        """A 400 for the structured fields: ``auto`` falls back from now on; ``server`` raises it."""
+        if self.structured_outputs == "auto" and _names_unsupported_field(str(exc)):
+            self.server_structured_unavailable = f"{self.where} refused the structured-output fields: {exc}"
+            return ConstraintUnavailable(self.server_structured_unavailable)
+        return exc
+
+    def _chat(
+        self,
+        messages: Sequence[Message],
+        kwargs: Any,
+        parse_func: Callable[[str], Any] | None,
+        extra: dict[str, Any] | None = None,
+        *,
+        record: bool = True,
+    ) -> tuple[str, Any, Any]:
+        """One request: the reply's text, the response and the parsed text; recorded unless not."""
         settings, max_new = merge_settings(self.generation_kwargs, kwargs, DEFAULT_MAX_TOKENS)
         if self.check_context_enabled:
             self._check_prompt(messages, max_new)
         settings[self.max_tokens_param] = max_new
+        if extra:
+            extra = dict(extra)
+            body = {**(settings.pop("extra_body", None) or {}), **extra.pop("extra_body", {})}
+            settings.update(extra)
+            if body:
+                settings["extra_body"] = body
         started = time.monotonic()
         response = self.request(
             "chat completion",
@@ -155,18 +343,19 @@ class OpenAILanguageBackend(LanguageBackend):
         # content is None for refusals and tool calls; the original crashed on .strip() there.
         text = (choice.message.content or "").strip()
         parsed = parse_func(text) if parse_func is not None else text
-        usage = response.usage
-        self.record_call(
-            messages,
-            text,
-            parsed,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
-            latency_s=round(time.monotonic() - started, 4),
-            finish_reason=choice.finish_reason,
-            **({"refusal": choice.message.refusal} if getattr(choice.message, "refusal", None) else {}),
-        )
-        return parsed
+        if record:
+            usage = response.usage
+            self.record_call(
+                messages,
+                text,
+                parsed,
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=usage.completion_tokens if usage else None,
+                latency_s=round(time.monotonic() - started, 4),
+                finish_reason=choice.finish_reason,
+                **({"refusal": choice.message.refusal} if getattr(choice.message, "refusal", None) else {}),
+            )
+        return text, response, parsed
 
     # ----- requests -----
 
@@ -218,6 +407,11 @@ class OpenAILanguageBackend(LanguageBackend):
         return BadRequestError(
             f"{self.where}: {what} for {self.model_id} refused (HTTP {status}): {message}", status
         )
+
+
+def _names_unsupported_field(message: str) -> bool:
+    lowered = message.lower()
+    return any(field in lowered for field in _UNSUPPORTED_FIELDS)
 
 
 def _is_transient(exc: Exception) -> bool:

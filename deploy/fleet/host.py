@@ -40,10 +40,12 @@ from deploy.errors import DeployError
 from deploy.health.ladder import Ladder
 from deploy.hosts.agent import HostAgent
 from deploy.hosts.connector import LocalConnector
+from deploy.hosts.group import probe_vllm
 from deploy.hosts.observed import RUNNING_STATES
 from deploy.hosts.supervisor import Supervisor
 from deploy.render.components import Component, build_components, host_paths
 from deploy.render.supervisord import host_config, state_files
+from deploy.runtime.statedir import system_location
 from deploy.security.keystore import KeyStore
 from deploy.spec.load import parse
 from deploy.spec.model import ClusterSpec
@@ -69,8 +71,14 @@ def cluster_from_document(document: Mapping[str, Any], host: str) -> ClusterSpec
             state_dir=given.get("state_dir", h.state_dir),
             home=given.get("home") or h.home,
         )
+        if given.get("vllm_python"):
+            h = dataclasses.replace(h, vllm_python=given["vllm_python"])
         if h.name == host and not h.home:
             h = dataclasses.replace(h, home=os.path.expanduser("~"))  # what the host agent's `home` says
+        engines_here = any(m.kind == "vllm" and r.host == host for m in spec.models for r in m.replicas)
+        if h.name == host and engines_here:
+            # As `connect` does: the engine's entry point depends on the installed distribution.
+            h = dataclasses.replace(h, vllm=probe_vllm(LocalConnector(host), h))
         hosts.append(h)
     return dataclasses.replace(spec, hosts=tuple(hosts))
 
@@ -90,19 +98,24 @@ def _components(spec: ClusterSpec, host: str) -> list[Component]:
 
 
 def render_host(spec: ClusterSpec, host: str) -> dict[str, Any]:
-    """The files ``up`` writes to ``host``'s state directory, rendered by ``up``'s own code."""
+    """The files ``up`` writes to ``host``'s state directory, rendered by ``up``'s own code.
+
+    Raises:
+        DeployError: the state directory is a system location (checked here on the host, after
+            resolving links; the playbook's own tasks create and own the folder otherwise).
+    """
+    state_dir = host_paths(spec.host(host)).state_dir
+    problem = system_location(os.path.realpath(state_dir), os.path.expanduser("~"))
+    if problem is not None:
+        raise DeployError(f"{host}: {problem}", hint=f"set hosts.{host}.state_dir to a new folder of its own")
     config = host_config(spec, host, _components(spec, host))
     state = state_files(spec, config)
     return {
         "changed": False,
-        "dirs": list(state.dirs),
+        "dirs": [state.state_dir, *state.dirs],
         "files": [{"path": f.path, "content": f.content, "mode": f"{f.mode:04o}"} for f in state.files],
         "programs": [c.name for c in config.components],
     }
-
-
-def _supervisor(spec: ClusterSpec, host: str) -> Supervisor:
-    return Supervisor(HostAgent(LocalConnector(host), sys.executable), host_paths(spec.host(host)))
 
 
 def ensure_api_key(spec: ClusterSpec, host: str) -> dict[str, Any]:
@@ -114,24 +127,24 @@ def ensure_api_key(spec: ClusterSpec, host: str) -> dict[str, Any]:
     return {"changed": True}
 
 
-def ensure_supervisord(spec: ClusterSpec, host: str) -> dict[str, Any]:
+def ensure_supervisord(supervisor: Supervisor) -> dict[str, Any]:
     """Start the host's supervisord for this cluster unless it already answers."""
-    supervisor = _supervisor(spec, host)
     if supervisor.observe().supervisor_running:
         return {"changed": False}
     supervisor.start()
     return {"changed": True}
 
 
-def reload_supervisord(spec: ClusterSpec, host: str) -> dict[str, Any]:
+def reload_supervisord(spec: ClusterSpec, supervisor: Supervisor) -> dict[str, Any]:
     """Make the running supervisord apply its rewritten config."""
-    _supervisor(spec, host).reload(grace=float(spec.supervision.stop_grace))
+    supervisor.reload(grace=float(spec.supervision.stop_grace))
     return {"changed": True}
 
 
-def start_programs(spec: ClusterSpec, host: str, names: Sequence[str]) -> dict[str, Any]:
+def start_programs(
+    spec: ClusterSpec, host: str, supervisor: Supervisor, names: Sequence[str]
+) -> dict[str, Any]:
     """Start the named programs that are not running; wait until each one is ready."""
-    supervisor = _supervisor(spec, host)
     by_name = {c.name: c for c in _components(spec, host) if c.host == host}
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -159,21 +172,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", required=True, help="this host's name in the cluster spec")
     parser.add_argument("--program", action="append", default=[], help="a program to start (repeatable)")
     args = parser.parse_args(argv)
+    # Closed before exit, so the host agent it keeps open is gone when the task reports.
+    connector = LocalConnector(args.host)
     try:
         spec = cluster_from_document(json.load(sys.stdin), args.host)
+        supervisor = Supervisor(HostAgent(connector, sys.executable), host_paths(spec.host(args.host)))
         if args.op == "render":
             answer = render_host(spec, args.host)
         elif args.op == "api-key":
             answer = ensure_api_key(spec, args.host)
         elif args.op == "supervisord":
-            answer = ensure_supervisord(spec, args.host)
+            answer = ensure_supervisord(supervisor)
         elif args.op == "reload":
-            answer = reload_supervisord(spec, args.host)
+            answer = reload_supervisord(spec, supervisor)
         else:
-            answer = start_programs(spec, args.host, args.program)
+            answer = start_programs(spec, args.host, supervisor, args.program)
     except DeployError as exc:
         print(json.dumps({"failed": True, "msg": "\n".join([str(exc), *exc.details()])}))
         return 1
+    finally:
+        connector.close()
     print(json.dumps(answer))
     return 0
 

@@ -91,6 +91,8 @@ def build_inventory(spec: ClusterSpec, spec_data: Any, *, spec_file: Path) -> di
             **_connection(h),
             "agent_llm_python": h.python,
             "agent_llm_venv": _venv(h.python),
+            # The vLLM engine's own venv ("": vLLM goes into agent_llm_venv with the rest).
+            "agent_llm_vllm_venv": _venv(h.vllm_python) if h.vllm_python else "",
             "agent_llm_state_dir": h.path(h.state_dir),
             "agent_llm_worker_kinds": kinds,
             "agent_llm_tiny_models": tiny,
@@ -108,7 +110,11 @@ def build_inventory(spec: ClusterSpec, spec_data: Any, *, spec_file: Path) -> di
         "base_dir": str(spec_file.resolve().parent),
         "source": spec.source or str(spec_file),
         "local_python": sys.executable,
-        "hosts": {h.name: {"python": h.python, "state_dir": h.state_dir, "home": h.home} for h in spec.hosts},
+        "hosts": {
+            h.name: {"python": h.python, "vllm_python": h.vllm_python, "state_dir": h.state_dir}
+            | {"home": h.home}
+            for h in spec.hosts
+        },
     }
     return {
         "all": {

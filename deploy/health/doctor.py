@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -37,10 +37,9 @@ from deploy.health.doctor_rules import (
 )
 from deploy.hosts.agent import HostAgent
 from deploy.hosts.connector import Connector
-from deploy.hosts.group import connector_for, on_hosts
+from deploy.hosts.group import connector_for, on_hosts, probe_vllm
 from deploy.hosts.observed import RUNNING_STATES
 from deploy.render.components import Component, build_components, host_paths
-from deploy.render.vllm import parse_version_probe, version_probe_argv
 from deploy.spec.model import ClusterSpec
 
 __all__ = ["DoctorReport", "HostProbe", "open_connectors", "run_doctor"]
@@ -122,7 +121,8 @@ def _probe_host(spec: ClusterSpec, name: str, connector: Connector, components: 
     reach = "local" if host.is_local else "ssh"  # how the host is reached: the first row
     before = time.time()
     try:
-        home, facts = agent.call([{"op": "home"}, facts_request(spec, host, components)], timeout=60)
+        home, answer = agent.call([{"op": "home"}, facts_request(spec, host, components)], timeout=60)
+        facts = HostAgent.facts(answer)
     except ConnectionFailed as exc:
         fix = exc.hint or f"check that {name} is up and sshd runs (hosts.{name}.ssh)"
         return HostProbe(
@@ -140,16 +140,17 @@ def _probe_host(spec: ClusterSpec, name: str, connector: Connector, components: 
     mine = [c for c in components if c.host == name]
     running: set[str] = set()
     if not all(answer["free"] for answer in facts["ports"]):
-        info = agent.one(
-            {"op": "rpc", "socket": host_paths(host).socket, "calls": [["supervisor.getAllProcessInfo"]]}
-        )
+        info = agent.rpc(host_paths(host).socket, [["supervisor.getAllProcessInfo"]])
         results = info.get("results") or [{}]
         # BACKOFF: supervisord is between restarts of our own program, which may hold the port.
         ours = (*RUNNING_STATES, "BACKOFF")
         running = {p["name"] for p in results[0].get("ok", []) if p.get("statename") in ours}
-    vllm_version = None
+    vllm = None
     if any(m.kind != "hf" for m in spec.models for r in m.replicas if r.host == name):
-        vllm_version = parse_version_probe(connector.run(version_probe_argv(host.python), timeout=60).stdout)
+        # fastchat-vllm imports vLLM in the host's python; the vllm kind runs it in vllm_python.
+        kinds = {m.kind for m in spec.models for r in m.replicas if r.host == name}
+        probed = host if "vllm" in kinds else replace(host, vllm_python=None)
+        vllm = probe_vllm(connector, probed, import_check=True)
     checks += judge_host(
         spec,
         host,
@@ -157,7 +158,7 @@ def _probe_host(spec: ClusterSpec, name: str, connector: Connector, components: 
         facts,
         local_version=_local_version(),
         running=running,
-        vllm_version=vllm_version,
+        vllm=vllm,
     )
     if not host.is_local:
         checks.append(clock_check(name, float(facts["time"]), before, after))
@@ -219,14 +220,19 @@ def _reachability(
     return reachability_checks(spec, sources, answers)
 
 
-def run_doctor(spec: ClusterSpec, connectors: Mapping[str, Connector]) -> DoctorReport:
+def run_doctor(
+    spec: ClusterSpec,
+    connectors: Mapping[str, Connector],
+    components: Sequence[Component] | None = None,
+) -> DoctorReport:
     """Run every check; never raises for a host problem (it becomes a ✗ row).
 
     Args:
         spec: The cluster spec.
         connectors: One connector per host (see :func:`open_connectors`).
+        components: ``build_components(spec)``, when the caller has it already.
     """
-    components = build_components(spec)
+    components = list(components) if components is not None else build_components(spec)
 
     def probe(name: str) -> HostProbe:
         return _probe_host(spec, name, connectors[name], components)

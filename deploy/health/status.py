@@ -24,7 +24,7 @@ from deploy.render.supervisord import program_fingerprint
 from deploy.render.vllm.metrics import parse_metrics
 from deploy.runtime.restarter import RestartRecord
 from deploy.security.hostkeys import read_key_store
-from deploy.security.keystore import KeyStore
+from deploy.security.keystore import KeyStore, mask, mask_known
 from deploy.spec.model import ClusterSpec
 
 __all__ = [
@@ -93,6 +93,7 @@ class StatusObservation:
     probes: Mapping[str, HttpAnswer]  # component name, "list_workers", "models" -> answer
     records: Mapping[tuple[str, str], RestartRecord]  # (host, program) -> the restarter's record
     tails: Mapping[tuple[str, str], str]  # (host, program) -> last log lines, where a reason needs them
+    keys: tuple[str, ...] = ()  # the cluster's API keys: masked in every reason
 
 
 def observe_status(hosts: Hosts) -> StatusObservation:
@@ -113,7 +114,8 @@ def observe_status(hosts: Hosts) -> StatusObservation:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         ops["models"] = http_op("GET", f"{api.url}/v1/models", headers=headers, cafile=api.ca_file)
         answers = hosts.head.call(list(ops.values()))
-        probes = {name: HttpAnswer.parse(a) for name, a in zip(ops, answers, strict=True)}
+        # Added to the engines' answers, not in their place (those were fetched on their own hosts).
+        probes |= {name: HttpAnswer.parse(a) for name, a in zip(ops, answers, strict=True)}
     records = _restart_records(hosts, observed, unreachable)
     tails = {
         (c.host, c.name): hosts.supervisors[c.host].log_tail(c.name, TAIL_LINES)
@@ -121,7 +123,7 @@ def observe_status(hosts: Hosts) -> StatusObservation:
         if c.host not in unreachable
         and _needs_tail(observed.host(c.host).program(c.name), probes.get(c.name))
     }
-    return StatusObservation(spec, components, observed, unreachable, probes, records, tails)
+    return StatusObservation(spec, components, observed, unreachable, probes, records, tails, keys.keys)
 
 
 def _needs_tail(program: ProgramState | None, port: HttpAnswer | None) -> bool:
@@ -187,6 +189,8 @@ def judge_status(seen: StatusObservation) -> ClusterStatus:
                         reason="not in the spec (llm-deploy up stops it)",
                     )
                 )
+    # Reasons quote log lines, and a log may hold a key a client sent (in a query, a body...).
+    rows = [dataclasses.replace(r, reason=mask_known(mask(r.reason, seen.keys))) for r in rows]
     return ClusterStatus(spec.name, tuple(rows))
 
 

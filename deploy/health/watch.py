@@ -5,9 +5,11 @@ is reduced to one watch state: ``HEALTHY``; ``UNHEALTHY`` (its process runs but 
 serve, the reason says why); or supervisord's / self-healing's own state (``EXITED``,
 ``BACKOFF``, ``FAILED``, ``SUSPENDED``, ``DOWN``, ``UNREACHABLE``...). A change between two
 rounds is a :class:`StateChange`: printed, and POSTed as JSON to the spec's ``watch.webhook``
-when there is one. A webhook that fails is reported and retried with the next change; it never
-stops the watch. The first round reports every component that is not healthy (so an outage
-that began before the watch started is not silent), from state ``UNKNOWN``.
+when there is one. A webhook that fails (no answer, or anything but a 2xx: a redirect is not
+followed, it is a failed delivery) is reported and its event sent again with the next round's;
+it never stops the watch. Reasons are masked with every key this process knows. The first
+round reports every component that is not healthy (so an outage that began before the watch
+started is not silent), from state ``UNKNOWN``.
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from deploy.errors import DeployError
 from deploy.health.status import ClusterStatus, ComponentStatus
 from deploy.hosts.observed import RUNNING_STATES
+from deploy.security.keystore import mask_known
 
 __all__ = ["StateChange", "Watcher", "changes", "post_webhook", "watch_state"]
 
 UNKNOWN = "UNKNOWN"
 WEBHOOK_TIMEOUT = 10.0
+MAX_UNDELIVERED = 100  # events kept for a webhook that keeps failing (the oldest are dropped)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,17 @@ def changes(old: ClusterStatus | None, new: ClusterStatus, *, at: str | None = N
     return out
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are answers, not instructions: following one turns the POST into a bodyless GET
+    to wherever the endpoint points (another port, another host), and the event is lost."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def post_webhook(url: str, change: StateChange, *, timeout: float = WEBHOOK_TIMEOUT) -> str | None:
     """POST the change as JSON; None on a 2xx answer, else why it failed (never raises)."""
     request = urllib.request.Request(  # noqa: S310 (the URL is checked to be http(s) in the spec)
@@ -83,9 +98,11 @@ def post_webhook(url: str, change: StateChange, *, timeout: float = WEBHOOK_TIME
         method="POST",
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310
+        with _OPENER.open(request, timeout=timeout) as answer:
             return None if 200 <= answer.status < 300 else f"HTTP {answer.status}"
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            return f"HTTP {exc.code} redirect to {exc.headers.get('Location', '?')!r} (not followed)"
         return f"HTTP {exc.code}"
     except (urllib.error.URLError, OSError) as exc:
         return str(getattr(exc, "reason", exc))
@@ -108,23 +125,35 @@ class Watcher:
     emit: Callable[[str], None]
     stop: threading.Event = field(default_factory=threading.Event)
     last: ClusterStatus | None = field(default=None, init=False)
+    undelivered: list[StateChange] = field(default_factory=list, init=False)
 
     def round(self) -> list[StateChange]:
         """Observe once, report and send the changes since the previous round."""
         try:
             current = self.observe()
         except DeployError as exc:
-            self.emit(f"{_now()} cannot observe the cluster: {str(exc).splitlines()[0]}")
+            self.emit(f"{_now()} cannot observe the cluster: {mask_known(str(exc)).splitlines()[0]}")
             return []
-        found = changes(self.last, current)
+        found = [replace(c, reason=mask_known(c.reason)) for c in changes(self.last, current)]
         self.last = current
         for change in found:
             self.emit(change.line())
-            if self.webhook:
-                error = post_webhook(self.webhook, change)
-                if error is not None:
-                    self.emit(f"{_now()} webhook {self.webhook} failed: {error}")
+        if self.webhook:
+            self._deliver(self.webhook, [*self.undelivered, *found])
         return found
+
+    def _deliver(self, webhook: str, events: list[StateChange]) -> None:
+        """Send in order; what fails (and what follows it) waits for the next round."""
+        self.undelivered = []
+        for i, change in enumerate(events):
+            error = post_webhook(webhook, change)
+            if error is not None:
+                self.emit(
+                    f"{_now()} webhook {webhook} failed: {error}; "
+                    f"{len(events) - i} event(s) kept for the next round"
+                )
+                self.undelivered = events[i:][-MAX_UNDELIVERED:]
+                return
 
     def rounds(self, count: int | None = None) -> Iterator[list[StateChange]]:
         """Run rounds ``interval`` apart until ``count`` rounds ran or :attr:`stop` is set."""

@@ -9,10 +9,20 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from deploy.errors import ConnectorError
+from deploy.errors import CommandTimeout, ConnectorError
 from deploy.hosts.connector import Connector
+from deploy.runtime.hostagent import (
+    FactsAnswer,
+    HomeAnswer,
+    OkAnswer,
+    ProcessesAnswer,
+    ReadAnswer,
+    RpcAnswer,
+    StartAnswer,
+    StatAnswer,
+)
 
 __all__ = ["HostAgent", "HttpAnswer", "http_op"]
 
@@ -97,10 +107,20 @@ class HostAgent:
         """
         if not ops:
             return []
+        request = json.dumps({"ops": list(ops)}).encode()
+        stream = self.connector.stream([self.python, "-m", "deploy.runtime.hostagent", "--serve"])
+        if stream is not None and stream.lock.acquire(blocking=False):
+            try:
+                if not stream.broken:
+                    return self._answers(stream.exchange(request, timeout=timeout), len(ops))
+            except ConnectorError as exc:
+                if isinstance(exc, CommandTimeout):
+                    raise
+                # The agent died (or never started): a one-shot run below says why, or works.
+            finally:
+                stream.lock.release()
         result = self.connector.run(
-            [self.python, "-m", "deploy.runtime.hostagent"],
-            stdin=json.dumps({"ops": list(ops)}).encode(),
-            timeout=timeout,
+            [self.python, "-m", "deploy.runtime.hostagent"], stdin=request, timeout=timeout
         )
         if not result.ok:
             raise ConnectorError(
@@ -110,11 +130,16 @@ class HostAgent:
                 hint=f"check hosts.{self.host}.python: it must be the host's runtime python, with "
                 "agent-llm[serve] and supervisor installed",
             )
+        return self._answers(result.stdout.encode(), len(ops))
+
+    def _answers(self, raw: bytes, count: int) -> list[dict[str, Any]]:
         try:
-            answers = json.loads(result.stdout)
+            answers = json.loads(raw)
         except ValueError as exc:
-            raise ConnectorError(self.host, f"unreadable host agent answer: {result.stdout[:200]!r}") from exc
-        if not isinstance(answers, list) or len(answers) != len(ops):
+            raise ConnectorError(self.host, f"unreadable host agent answer: {raw[:200]!r}") from exc
+        if isinstance(answers, dict) and "agent_error" in answers:
+            raise ConnectorError(self.host, f"the host agent failed: {answers['agent_error']}")
+        if not isinstance(answers, list) or len(answers) != count:
             raise ConnectorError(self.host, "host agent answered the wrong number of results")
         return answers
 
@@ -126,16 +151,54 @@ class HostAgent:
         """One HTTP request made from the host."""
         return HttpAnswer.parse(self.one(http_op(method, url, **kwargs)))
 
+    # Typed operations: each names the host agent's answer type (deploy.runtime.hostagent).
+
+    def home(self) -> str:
+        """The home directory of the user ``llm-deploy`` runs as there."""
+        return cast(HomeAnswer, self.one({"op": "home"}))["home"]
+
+    def stat(self, path: str) -> StatAnswer:
+        """Whether ``path`` exists, and is a directory."""
+        return cast(StatAnswer, self.one({"op": "stat", "path": path}))
+
+    def rpc(self, socket: str, calls: Sequence[Sequence[Any]], *, timeout: float = 60.0) -> RpcAnswer:
+        """supervisord XML-RPC calls over its unix socket."""
+        return cast(RpcAnswer, self.one({"op": "rpc", "socket": socket, "calls": calls}, timeout=timeout))
+
+    def start_supervisord(self, conf: str, *, timeout: float) -> StartAnswer:
+        """Start supervisord with ``conf`` (it daemonizes)."""
+        return cast(StartAnswer, self.one({"op": "start_supervisord", "conf": conf}, timeout=timeout))
+
+    def processes(self, pids: Sequence[int]) -> dict[str, str]:
+        """pid -> command line for those of ``pids`` still running."""
+        return cast(ProcessesAnswer, self.one({"op": "processes", "pids": list(pids)}))["alive"]
+
+    def read_part(self, path: str, **where: int) -> ReadAnswer:
+        """A part of ``path``: ``tail_lines``, ``offset`` and ``max_bytes`` as the agent takes them."""
+        return cast(ReadAnswer, self.one({"op": "read", "path": path, **where}))
+
+    @staticmethod
+    def facts(answer: Mapping[str, Any]) -> FactsAnswer:
+        """A ``facts`` answer of a batch, typed."""
+        return cast(FactsAnswer, answer)
+
     def read(self, path: str, *, tail_lines: int | None = None) -> str | None:
         """The text of ``path`` (its last ``tail_lines`` lines), or None when it does not exist."""
-        op: dict[str, Any] = {"op": "read", "path": path}
-        if tail_lines:
-            op["tail_lines"] = tail_lines
-        answer = self.one(op)
-        return answer["text"] if answer.get("exists") else None
+        answer = self.read_part(path, **({"tail_lines": tail_lines} if tail_lines else {}))
+        return answer.get("text", "") if answer.get("exists") else None
+
+    def prepare_state_dir(self, path: str) -> None:
+        """Create or adopt the state directory (refused: a system location, a folder not ours)."""
+        answer = cast(OkAnswer, self.one({"op": "state_dir", "path": path}))
+        if not answer.get("ok"):
+            raise ConnectorError(
+                self.host,
+                answer.get("error", f"cannot create {path}"),
+                hint=f"set hosts.{self.host}.state_dir to a new folder of its own (doctor checks it)",
+            )
 
     def mkdir(self, path: str, mode: int = 0o700) -> None:
         """Create ``path`` (and parents) with ``mode``."""
-        answer = self.one({"op": "mkdir", "path": path, "mode": mode})
+        answer = cast(OkAnswer, self.one({"op": "mkdir", "path": path, "mode": mode}))
         if not answer.get("ok"):
             raise ConnectorError(self.host, answer.get("error", f"cannot create {path}"))

@@ -8,22 +8,31 @@ Contract: ``run`` never raises for a non-zero exit (the caller decides what it m
 raises :class:`~deploy.errors.ConnectionFailed` when the host cannot be reached and
 :class:`~deploy.errors.CommandTimeout` on timeout. Secrets travel in ``env``, ``stdin`` or a
 file written with ``put``, never in argv.
+
+``stream(argv)`` keeps one long-running command open (the host agent's ``--serve`` mode) and
+exchanges one line per request with it, so a command's many host-agent calls cost one process
+per host instead of one each. A connector that cannot (the recording fake) returns None and
+callers fall back to ``run``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import shlex
 import subprocess
 import tempfile
+import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.errors import CommandTimeout, TransferFailed
+from deploy.errors import CommandTimeout, ConnectorError, TransferFailed
 
-__all__ = ["CommandResult", "Connector", "LocalConnector"]
+__all__ = ["CommandResult", "Connector", "LineStream", "LocalConnector"]
 
 # What a shell answers for a command it cannot find; LocalConnector answers the same.
 EXIT_NOT_FOUND = 127
@@ -81,8 +90,126 @@ class Connector(ABC):
     def get(self, path: str) -> bytes:
         """Read the file at ``path``; raises :class:`TransferFailed` when it cannot be read."""
 
+    def stream(self, argv: Sequence[str]) -> LineStream | None:
+        """``argv`` kept running on the host, spoken to a line at a time (None: not supported).
+
+        The same stream is returned for the same ``argv`` until it breaks or the connector is
+        closed; :meth:`close` stops it.
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 (optional hook: most connectors hold nothing)
         """Release what the connector holds (connections); it may not be used afterwards."""
+
+
+class LineStream(ABC):
+    """One long-running command: write a request line, read its answer line.
+
+    ``lock`` is held by the caller for one exchange; a caller that finds it held uses ``run``
+    instead of waiting (a long operation, such as doctor's stand-in listener, may hold it).
+    After any failure the stream is broken (``broken``) and must not be used again.
+    """
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.lock = threading.Lock()
+        self.broken = False
+
+    @abstractmethod
+    def exchange(self, line: bytes, *, timeout: float) -> bytes:
+        """Send ``line`` (no newline in it) and return the answer line, without its newline.
+
+        Raises:
+            CommandTimeout: no answer within ``timeout`` seconds (the stream is then broken).
+            ConnectorError: the command exited or the connection dropped (broken too).
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the command (it reads end-of-file and exits) and release the stream."""
+
+
+class _StreamCache:
+    """The open streams of one connector, by argv; broken ones are replaced on the next ask."""
+
+    def __init__(self) -> None:
+        self._streams: dict[tuple[str, ...], LineStream] = {}
+        self._lock = threading.Lock()
+
+    def get(self, argv: Sequence[str], open_stream: Callable[[], LineStream]) -> LineStream:
+        key = tuple(argv)
+        with self._lock:
+            stream = self._streams.get(key)
+            if stream is None or stream.broken:
+                if stream is not None:
+                    stream.close()
+                stream = self._streams[key] = open_stream()
+            return stream
+
+    def close(self) -> None:
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.close()
+
+
+class _PipeStream(LineStream):
+    """A local subprocess with pipes; its stderr goes to a temporary file for error messages."""
+
+    def __init__(self, host: str, argv: Sequence[str]) -> None:
+        super().__init__(host)
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the stream)
+        try:
+            self._proc = subprocess.Popen(
+                list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr
+            )
+        except OSError:
+            self._stderr.close()
+            raise
+        self._pending = b""
+
+    def exchange(self, line: bytes, *, timeout: float) -> bytes:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        try:
+            self._proc.stdin.write(line + b"\n")
+            self._proc.stdin.flush()
+            fd = self._proc.stdout.fileno()
+            while b"\n" not in self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    self.broken = True
+                    raise CommandTimeout(self.host, f"the host agent gave no answer within {timeout:g}s")
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise BrokenPipeError
+                self._pending += chunk
+        except OSError:  # BrokenPipeError included: the command is gone
+            self.broken = True
+            raise ConnectorError(self.host, f"the host agent exited: {self._stderr_tail()}") from None
+        answer, _, self._pending = self._pending.partition(b"\n")
+        return answer
+
+    def _stderr_tail(self) -> str:
+        self._stderr.seek(0)
+        lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else f"exit status {self._proc.poll()}"
+
+    def close(self) -> None:
+        if self.broken and self._proc.poll() is None:
+            self._proc.kill()  # it broke mid-request (a timeout): its state is unknown
+        self.broken = True
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._stderr.close()
 
 
 class LocalConnector(Connector):
@@ -90,6 +217,16 @@ class LocalConnector(Connector):
 
     def __init__(self, host: str = "local") -> None:
         self.host = host
+        self._streams = _StreamCache()
+
+    def stream(self, argv: Sequence[str]) -> LineStream | None:
+        try:
+            return self._streams.get(argv, lambda: _PipeStream(self.host, argv))
+        except OSError:  # no such interpreter: ``run`` then reports it the usual way
+            return None
+
+    def close(self) -> None:
+        self._streams.close()
 
     def run(
         self,

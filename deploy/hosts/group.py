@@ -20,9 +20,10 @@ from deploy.hosts.connector import CommandResult, Connector, LocalConnector
 from deploy.hosts.observed import HostState, ObservedState
 from deploy.hosts.supervisor import Supervisor
 from deploy.render.components import host_paths
-from deploy.spec.model import ClusterSpec, HostSpec
+from deploy.render.vllm.versions import parse_install_probe, version_probe_argv
+from deploy.spec.model import ClusterSpec, HostSpec, VllmInstall
 
-__all__ = ["Hosts", "UnreachableConnector", "connect", "observe", "on_hosts"]
+__all__ = ["Hosts", "UnreachableConnector", "connect", "observe", "on_hosts", "probe_vllm"]
 
 T = TypeVar("T")
 
@@ -82,6 +83,20 @@ class UnreachableConnector(Connector):
         raise self.error
 
 
+def probe_vllm(connector: Connector, host: HostSpec, *, import_check: bool = False) -> VllmInstall | None:
+    """Which vLLM ``host``'s ``vllm_python`` has (None: not installed, or that Python cannot run)."""
+    try:
+        done = connector.run(version_probe_argv(host.engine_python, import_check=import_check), timeout=120)
+    except DeployError:
+        return None
+    if done.exit_code != 0:
+        return None
+    try:
+        return parse_install_probe(done.stdout)
+    except (ValueError, KeyError):
+        return None
+
+
 @dataclasses.dataclass
 class Hosts:
     """The connected hosts of one cluster: connectors, host agents, supervisors.
@@ -129,10 +144,15 @@ def connect(
         host = spec.host(name)
         connector = given.get(name) or connector_for(host)
         opened[name] = connector
+        if name in engine_hosts:
+            installs[name] = probe_vllm(connector, host)
         if host.home:
             return host.home
-        home: str = HostAgent(connector, host.python).one({"op": "home"})["home"]
-        return home
+        return HostAgent(connector, host.python).home()
+
+    # Hosts with a `vllm` replica: the engine's entry point depends on the installed distribution.
+    engine_hosts = {r.host for m in spec.models if m.kind == "vllm" for r in m.replicas}
+    installs: dict[str, VllmInstall | None] = {}
 
     down: dict[str, DeployError] = {}
     try:
@@ -150,7 +170,11 @@ def connect(
                 opened[name] = UnreachableConnector(name, error)
                 homes[name] = spec.host(name).home or ""
         spec = dataclasses.replace(
-            spec, hosts=tuple(dataclasses.replace(h, home=homes[h.name] or None) for h in spec.hosts)
+            spec,
+            hosts=tuple(
+                dataclasses.replace(h, home=homes[h.name] or None, vllm=installs.get(h.name, h.vllm))
+                for h in spec.hosts
+            ),
         )
         agents = {h.name: HostAgent(opened[h.name], h.python) for h in spec.hosts}
         supervisors = {h.name: Supervisor(agents[h.name], host_paths(h)) for h in spec.hosts}

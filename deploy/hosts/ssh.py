@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 import paramiko
 from fabric import Config, Connection
 
-from deploy.errors import CommandTimeout, ConnectionFailed, TransferFailed
-from deploy.hosts.connector import CommandResult, Connector
+from deploy.errors import CommandTimeout, ConnectionFailed, ConnectorError, TransferFailed
+from deploy.hosts.connector import CommandResult, Connector, LineStream, _StreamCache
 
 if TYPE_CHECKING:
     from deploy.spec.model import HostSpec
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["SSHConnector"]
 
 _KEEPALIVE_S = 30  # long-lived connections otherwise die silently behind NAT and firewalls
+_STREAM_EXIT_WAIT_S = 5  # a host agent exits within milliseconds of end-of-file
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Prints its pid (so a timed-out command can be stopped), reads `export` lines up to an empty
 # line from stdin, then becomes the command. `nl` lets values carry newlines on one line each.
@@ -114,6 +115,7 @@ class SSHConnector(Connector):
         for conn in self._chain():
             self._apply_host_key_policy(conn)
         self._lock = threading.Lock()
+        self._streams = _StreamCache()
 
     @classmethod
     def from_spec(
@@ -247,9 +249,21 @@ class SSHConnector(Connector):
             raise ConnectionFailed(self.host, f"cannot use key file {path}: {why}")
 
     def close(self) -> None:
-        """Close the connection, its SFTP session and any jump host connections."""
+        """Close the streams, the connection, its SFTP session and any jump host connections."""
+        self._streams.close()
         for conn in reversed(self._chain()):
             conn.close()
+
+    def stream(self, argv: Sequence[str]) -> LineStream | None:
+        def open_stream() -> LineStream:
+            _, chan = self._session()
+            try:
+                chan.exec_command(shlex.join(argv))
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise ConnectionFailed(self.host, f"cannot start a command over SSH: {exc}") from None
+            return _ChannelStream(self.host, chan)
+
+        return self._streams.get(argv, open_stream)
 
     # -- commands --------------------------------------------------------------------------
 
@@ -356,6 +370,51 @@ class SSHConnector(Connector):
                 return bytes(f.read())
         except OSError as exc:
             raise TransferFailed(self.host, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+class _ChannelStream(LineStream):
+    """A command on its own SSH channel of the shared connection (see :meth:`SSHConnector.stream`)."""
+
+    def __init__(self, host: str, chan: paramiko.Channel) -> None:
+        super().__init__(host)
+        self._chan = chan
+        self._pending = b""
+
+    def exchange(self, line: bytes, *, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        try:
+            self._chan.sendall(line + b"\n")
+            while b"\n" not in self._pending:
+                self._chan.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = self._chan.recv(1 << 16)
+                if not chunk:
+                    self.broken = True
+                    raise ConnectorError(self.host, f"the host agent exited: {self._stderr_tail()}")
+                self._pending += chunk
+        except TimeoutError:
+            self.broken = True
+            raise CommandTimeout(self.host, f"the host agent gave no answer within {timeout:g}s") from None
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            self.broken = True
+            raise ConnectorError(self.host, f"the host agent's SSH channel failed: {exc}") from None
+        answer, _, self._pending = self._pending.partition(b"\n")
+        return answer
+
+    def _stderr_tail(self) -> str:
+        err = b""
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            while self._chan.recv_stderr_ready():
+                err += self._chan.recv_stderr(1 << 16)
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else f"exit status {self._chan.exit_status}"
+
+    def close(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            self._chan.shutdown_write()  # the agent reads end-of-file and exits
+            # Wait for its exit status, so that nothing of ours runs on the host after we return.
+            self._chan.status_event.wait(_STREAM_EXIT_WAIT_S)
+        self._chan.close()
 
 
 def _drain(recv: Callable[[int], bytes], into: list[bytes]) -> None:

@@ -59,19 +59,16 @@ class Supervisor:
 
     def rpc(self, *calls: Sequence[Any], timeout: float = 60.0) -> list[dict[str, Any]]:
         """Run XML-RPC calls in order; raises when supervisord does not answer."""
-        answer = self.agent.one(
-            {"op": "rpc", "socket": self.paths.socket, "calls": [list(c) for c in calls]}, timeout=timeout
-        )
+        answer = self.agent.rpc(self.paths.socket, [list(c) for c in calls], timeout=timeout)
         if "error" in answer:
             raise SupervisorError(
                 f"{self.host}: supervisord ({self.paths.socket}) does not answer: {answer['error']}"
             )
-        results: list[dict[str, Any]] = answer["results"]
-        return results
+        return answer.get("results", [])
 
     def _answers(self) -> bool:
-        answer = self.agent.one({"op": "rpc", "socket": self.paths.socket, "calls": [["supervisor.getPID"]]})
-        return "error" not in answer and "ok" in answer["results"][0]
+        answer = self.agent.rpc(self.paths.socket, [["supervisor.getPID"]])
+        return "error" not in answer and "ok" in answer.get("results", [{}])[0]
 
     def observe(self) -> HostState:
         """This host's state: is supervisord up, its programs, what was applied."""
@@ -98,7 +95,12 @@ class Supervisor:
         )
 
     def write_state(self, state: StateFiles) -> None:
-        """Write the state directory (:func:`deploy.render.supervisord.state_files`)."""
+        """Write the state directory (:func:`deploy.render.supervisord.state_files`).
+
+        The state directory itself is created or adopted only if it is ours or empty
+        (:meth:`~deploy.hosts.agent.HostAgent.prepare_state_dir`); the folders in it are ours.
+        """
+        self.agent.prepare_state_dir(state.state_dir)
         for directory in state.dirs:
             self.agent.mkdir(directory)
         for f in state.files:
@@ -106,7 +108,7 @@ class Supervisor:
 
     def start(self, *, timeout: float = 30.0) -> None:
         """Start supervisord with the written config and wait until it answers."""
-        answer = self.agent.one({"op": "start_supervisord", "conf": self.paths.conf}, timeout=timeout + 30)
+        answer = self.agent.start_supervisord(self.paths.conf, timeout=timeout + 30)
         if answer["exit_code"] != 0:
             raise SupervisorError(
                 f"{self.host}: supervisord did not start (exit {answer['exit_code']}): "
@@ -203,8 +205,7 @@ class Supervisor:
             return
 
         def alive() -> dict[str, str]:
-            answer: dict[str, str] = self.agent.one({"op": "processes", "pids": pids})["alive"]
-            return {pid: cmd for pid, cmd in answer.items() if kill_marker in cmd}
+            return {pid: cmd for pid, cmd in self.agent.processes(pids).items() if kill_marker in cmd}
 
         try:
             poll_until(lambda: True if not alive() else None, seconds=seconds, what=f"{what} exit")

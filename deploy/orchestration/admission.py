@@ -13,12 +13,13 @@ more detail: ``ports`` (the preflight phase names the yaml path of the port) and
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from deploy.errors import DoctorFailed
 from deploy.health.doctor import DoctorReport
 from deploy.orchestration.plan import Plan
-from deploy.render.components import build_components
+from deploy.render.components import Component, build_components
 from deploy.spec.model import ClusterSpec
 
 __all__ = ["DEFERRED_CHECKS", "Admission", "admit", "without_hosts"]
@@ -40,8 +41,10 @@ class Admission:
         return bool(self.left_out)
 
 
-def admit(spec: ClusterSpec, report: DoctorReport) -> Admission:
-    """Decide what ``up`` starts from the doctor's report.
+def admit(
+    spec: ClusterSpec, report: DoctorReport, components: Sequence[Component] | None = None
+) -> Admission:
+    """Decide what ``up`` starts from the doctor's report (``components``: the spec's, if known).
 
     Raises:
         DoctorFailed: a check that must pass failed; the whole table is in its details.
@@ -77,7 +80,7 @@ def admit(spec: ClusterSpec, report: DoctorReport) -> Admission:
                 report.lines(),
             )
     by_host: dict[str, list[str]] = {}
-    for c in build_components(spec):
+    for c in components if components is not None else build_components(spec):
         if c.host in down:
             by_host.setdefault(c.host, []).append(c.name)
     left_out = tuple(

@@ -32,6 +32,7 @@ from deploy.orchestration.plan import (
 )
 from deploy.render.components import Component, host_paths
 from deploy.render.supervisord import state_files
+from deploy.render.vllm.versions import check_vllm_serve_version
 from deploy.report import Reporter
 from deploy.security.hostkeys import read_key_store
 from deploy.security.keystore import KeyStore
@@ -80,7 +81,7 @@ def ensure_models(hosts: Hosts, reporter: Reporter) -> None:
         built = []
         for host, path in sorted(wanted):
             agent = hosts.agents[host]
-            if agent.one({"op": "stat", "path": f"{path}/config.json"})["exists"]:
+            if agent.stat(f"{path}/config.json")["exists"]:
                 continue
             result = agent.connector.run([agent.python, "-m", "deploy.runtime.tiny_model", path], timeout=600)
             if not result.ok:
@@ -111,6 +112,16 @@ def preflight(hosts: Hosts, plan: Plan) -> int:
                 hint=f"use a shorter hosts.{host}.state_dir",
             )
         components = to_check.get(host, [])
+        if any(c.role == "engine" for c in components):
+            h = spec.host(host)
+            installed = h.vllm
+            try:
+                check_vllm_serve_version(installed.version if installed else None, host=host)
+            except PreflightError as exc:
+                raise PreflightError(
+                    f"{exc.message} (vllm_python: {h.engine_python})",
+                    hint=f"{exc.hint}; or point hosts.{host}.vllm_python at a Python that has it",
+                ) from None
         answers = hosts.agents[host].call(
             [{"op": "bindable", "address": c.bind, "port": c.port} for c in components]
         )
@@ -184,7 +195,10 @@ def start_components(hosts: Hosts, plan: Plan, names: set[str]) -> list[Componen
 def served_models(hosts: Hosts, components: list[Component]) -> tuple[ServedModel, ...]:
     """Each model's context length, read from its first live worker (``/model_details``)."""
     spec = hosts.spec
-    firsts = {m.name: next(c for c in components if c.model == m.name) for m in spec.models}
+    # Workers only: a vllm replica's engine (vLLM itself, on loopback) has no /model_details.
+    firsts = {
+        m.name: next(c for c in components if c.model == m.name and c.role == "worker") for m in spec.models
+    }
     answers = hosts.head.call(
         [http_op("POST", f"{c.url}/model_details", json_body={}) for c in firsts.values()]
     )
@@ -293,7 +307,10 @@ def run_up(
             ladder.wait_components(others)
             phase.detail = f"{', '.join(c.name for c in started)} started, {len(others)} ready"
     with reporter.phase("health") as phase:
-        ladder.wait_components(plan.components)
+        if plan:
+            ladder.wait_components(plan.components)
+        # else everything ran with this spec a moment ago (the plan saw it): one completion per
+        # model through the API server proves the whole path, without probing each worker.
         ladder.wait_models([m.name for m in spec.models])
         cert_pem = api_certificate(hosts)
         check_api_from_here(spec.api_server.base_url, cert_pem)

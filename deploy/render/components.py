@@ -18,14 +18,15 @@ from typing import Literal
 
 from deploy.errors import SpecError
 from deploy.render import vllm
-from deploy.spec.model import ApiLimitsSpec, ClusterSpec, EngineValue, HostSpec, ModelSpec
+from deploy.render.vllm.flags import engine_flags as checked_flags
+from deploy.render.vllm.flags import model_worker_flags, pairs
+from deploy.spec.model import ApiLimitsSpec, ClusterSpec, HostSpec, ModelSpec
 
 __all__ = [
     "Component",
     "HostFile",
     "HostPaths",
     "build_components",
-    "engine_flags",
     "host_paths",
     "mask_secrets",
     "worker_name",
@@ -163,25 +164,6 @@ def mask_secrets(argv: Iterable[str]) -> str:
     return " ".join(out)
 
 
-def engine_flags(args: Iterable[tuple[str, EngineValue]]) -> list[str]:
-    """Engine arguments as flags: ``max_model_len: 4096`` -> ``--max-model-len 4096``.
-
-    ``true`` gives a bare flag, ``false`` leaves the flag out, a list gives its items as values.
-    """
-    flags: list[str] = []
-    for key, value in args:
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif value is False:
-            continue
-        elif isinstance(value, tuple):
-            flags += [flag, *(str(v) for v in value)]
-        else:
-            flags += [flag, str(value)]
-    return flags
-
-
 def build_components(spec: ClusterSpec, *, api_key_digest: str = "") -> list[Component]:
     """Every component of the cluster, in start order: controller, API server, workers.
 
@@ -221,12 +203,16 @@ def _controller(spec: ClusterSpec) -> Component:
     workers = [f"http://{spec.host(r.host).address}:{r.port}" for m in spec.models for r in m.replicas]
     content: dict[str, list[str]] = {"workers": sorted(set(workers))}
     content["hosts"] = _addresses(spec.host(r.host).address for m in spec.models for r in m.replicas)
+    # The registry's readers: the API server, the probes on the head host, the workers' hosts.
+    clients_path = host_paths(host).file("controller-allowed-clients.json")
+    clients = {"hosts": _addresses(h.address for h in spec.hosts)}
     argv = [
         *_python(host, "deploy.runtime.controller"),
         *("--host", c.bind, "--port", str(c.port)),
         *("--dispatch-method", c.dispatch),
         *("--heartbeat-expiration", str(c.heartbeat_expiration)),
         *("--allowed-workers-file", allowed),
+        *("--allowed-clients-file", clients_path),
     ]
     if spec.health.active_check_interval > 0:
         argv += ["--active-check-interval", f"{spec.health.active_check_interval:g}"]
@@ -240,7 +226,10 @@ def _controller(spec: ClusterSpec) -> Component:
         port=c.port,
         argv=tuple(argv),
         env=tuple(_base_env(spec, "controller")),
-        files=(HostFile(allowed, json.dumps(content, indent=2) + "\n", 0o600),),
+        files=(
+            HostFile(allowed, json.dumps(content, indent=2) + "\n", 0o600),
+            HostFile(clients_path, json.dumps(clients, indent=2) + "\n", 0o600),
+        ),
     )
 
 
@@ -347,6 +336,24 @@ def _worker(
     )
 
 
+_SET_BY_US = "set by llm-deploy from the spec"
+# model_worker flags that llm-deploy sets itself; the others are the user's engine arguments.
+_MODEL_WORKER_RESERVED = {
+    "host": f"{_SET_BY_US} (hosts.<name>.bind)",
+    "port": f"{_SET_BY_US} (replicas[].port)",
+    "worker_address": f"{_SET_BY_US} (the replica's address and port)",
+    "controller_address": f"{_SET_BY_US} (controller)",
+    "model_path": f"{_SET_BY_US} (models[].path)",
+    "model_names": f"{_SET_BY_US} (models[].name)",
+    "conv_template": f"{_SET_BY_US} (models[].conv_template)",
+    "device": f"{_SET_BY_US} (models[].device)",
+    "num_gpus": f"{_SET_BY_US} (replicas[].gpus)",
+    "gpus": f"{_SET_BY_US} (replicas[].gpus sets CUDA_VISIBLE_DEVICES)",
+    "no_register": "a worker that does not register with the controller serves nothing",
+    "ssl": "TLS between the components is not supported (api_server.tls serves port 8000)",
+}
+
+
 def _hf_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Component]:
     r = _replica(spec, model, index)
     argv = [
@@ -361,7 +368,7 @@ def _hf_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Componen
     argv += ["--heartbeat-interval", str(spec.controller.heartbeat_interval)]
     if r.allowed_clients:
         argv += ["--allowed-clients-file", r.allowed_clients.path]
-    argv += engine_flags(model.engine_args)
+    argv += checked_flags(pairs(model.engine_args), model_worker_flags(), _MODEL_WORKER_RESERVED)
     # Pin the worker to its GPUs; a CPU worker sees none, so it cannot grab one by accident.
     env = [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")]
     env.append(("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in r.gpus)))
@@ -374,12 +381,14 @@ def _vllm_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Compon
     r = _replica(spec, model, index)
     internal = vllm.internal_port(r.port)
     serve = vllm.vllm_serve_command(
-        python=r.host.python,
+        python=r.host.engine_python,
         model_path=r.host.path(model.path),
         served_name=model.name,
         port=internal,
         engine_args=model.engine_args,
         gpus=r.gpus,
+        distribution=r.host.vllm.distribution if r.host.vllm else None,
+        device=model.device,
         tool_call_parser=model.tool_call_parser,
     )
     engine_name = f"{r.name}-vllm"
@@ -406,6 +415,7 @@ def _vllm_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Compon
         controller_address=controller_url(spec),
         heartbeat_interval=spec.controller.heartbeat_interval,
         allowed_clients_file=r.allowed_clients.path if r.allowed_clients else None,
+        model_path=r.host.path(model.path) if model.path.startswith(("/", "~")) else None,
     )
     files = (r.allowed_clients,) if r.allowed_clients else ()
     return [engine, _worker(spec, model, r, list(bridge), [], files, uses_gpus=False)]

@@ -2,15 +2,18 @@
 
 Each component is its own process, started as ``python -m deploy.runtime.<component>``:
 
-- ``controller``: FastChat's controller, plus ``POST /list_workers`` and an optional
-  allowlist for ``/register_worker``.
+- ``controller``: FastChat's controller, plus ``POST /list_workers``, an allowlist for
+  ``/register_worker``, checked heartbeats, reads for the cluster's hosts only, and no relay.
 - ``gateway``: the project's own OpenAI API server on :8000 (the default): a routing table fed
   by the controller, vLLM pass-through, FastChat's protocol for the ``hf`` kind, OpenAI errors.
 - ``api_server``: FastChat's OpenAI-compatible server (``api_server.impl: fastchat``), with API
   keys read from a file or the environment and enforced on every route but ``GET /health``,
   docs off, CORS off by default.
 - ``model_worker``: FastChat's transformers worker, with an explicit conversation template and
-  an optional client allowlist on the generation routes.
+  an optional client allowlist on every route.
+
+Standard-library helpers the host side and the loader share: :mod:`deploy.runtime.text`
+(control characters) and :mod:`deploy.runtime.statedir` (which state directories are safe).
 
 Importing this package (or any module of it) imports neither FastChat nor torch: FastChat
 replaces ``sys.stdout``/``sys.stderr`` when its server modules load, so they are imported only

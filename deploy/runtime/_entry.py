@@ -7,7 +7,8 @@ The order matters and is the same for every component:
 2. :func:`check_port_free` before any slow import or model load, so a taken port is reported at
    once rather than after the model loaded (or never: FastChat's controller hangs on it).
 3. :func:`serve` runs uvicorn and ends the process when uvicorn returns, whatever the reason;
-   FastChat's non-daemon heartbeat thread would otherwise keep a dead server alive.
+   FastChat's non-daemon heartbeat thread would otherwise keep a dead server alive. Its access
+   log shows paths without their query string (a client may put its key in ``?api_key=``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, NoReturn
 
 from deploy.runtime.errors import PortUnavailable
 
-__all__ = ["check_port_free", "fail", "positive_int", "prepare_environment", "serve"]
+__all__ = ["QueryStringFilter", "check_port_free", "fail", "positive_int", "prepare_environment", "serve"]
 
 EXIT_FAILURE = 1
 GRACEFUL_SHUTDOWN_SECONDS = 5
@@ -107,6 +108,20 @@ def check_port_free(host: str, port: int) -> None:
             sock.close()
 
 
+class QueryStringFilter(logging.Filter):
+    """Cut the query string from uvicorn's access lines (``GET /v1/models?api_key=...``).
+
+    uvicorn logs ``'%s - "%s %s HTTP/%s" %d'`` with the path and query as the third argument;
+    the query is the one part of a request line a client fills with what it likes, keys included.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?<query removed>", *args[3:])
+        return True
+
+
 def serve(app: Any, *, component: str, host: str, port: int, **uvicorn_options: Any) -> NoReturn:
     """Run ``app`` with uvicorn until it stops, then end the process.
 
@@ -125,6 +140,9 @@ def serve(app: Any, *, component: str, host: str, port: int, **uvicorn_options: 
     """
     import uvicorn
 
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QueryStringFilter) for f in access.filters):
+        access.addFilter(QueryStringFilter())
     # Open streams would otherwise hold a stop for as long as FastChat's 3-hour client timeout.
     uvicorn_options.setdefault("timeout_graceful_shutdown", GRACEFUL_SHUTDOWN_SECONDS)
     code = 0

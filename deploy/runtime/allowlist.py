@@ -8,8 +8,10 @@ writes these files and the runtime refuses the rest.
 - Controller, ``--allowed-workers-file``: ``{"workers": [url, ...], "hosts": [ip, ...]}``.
   ``/register_worker`` needs a listed worker URL, sent from a listed client address. Without
   ``"hosts"`` the client address is not checked.
-- Worker, ``--allowed-clients-file``: ``{"hosts": [ip, ...]}``. The generation routes answer
-  those addresses and this host's loopback (``127.0.0.1``, ``::1``). Other ``127.x`` addresses
+- Worker and controller, ``--allowed-clients-file``: ``{"hosts": [ip, ...]}``. A worker answers
+  those addresses (the controller's and API server's hosts) on every route, the controller
+  (every cluster host) on every route but registration, heartbeats and ``/test_connection``;
+  both also answer this host's loopback (``127.0.0.1``, ``::1``). Other ``127.x`` addresses
   count as foreign: clusters on one machine give their simulated hosts such addresses, and a
   local process loses nothing (it can always use ``127.0.0.1``).
 
@@ -94,7 +96,7 @@ class WorkerAllowlist:
 
 @dataclass(frozen=True)
 class ClientAllowlist:
-    """A worker's list of client addresses allowed on its generation routes (plus ``LOOPBACK``).
+    """The client addresses a worker or the controller answers (plus ``LOOPBACK``).
 
     Attributes:
         hosts: The allowed client addresses.
@@ -115,7 +117,7 @@ class ClientAllowlist:
         return cls(hosts=_address_set(data, path, flag))
 
     def permits(self, client_host: str | None) -> bool:
-        """Whether a request from ``client_host`` may use the generation routes."""
+        """Whether a request from ``client_host`` may use the protected routes."""
         address = parse_address(client_host)
         return address is not None and (address in LOOPBACK or address in self.hosts)
 

@@ -1,9 +1,12 @@
 """The host side of ``llm-deploy``: small questions and actions, run with the host's python.
 
-``python -m deploy.runtime.hostagent`` reads ``{"ops": [...]}`` (JSON) on stdin, runs each operation and
-prints one JSON list with a result per operation. Batching keeps one round trip per host per
-poll, which matters over SSH. Requests (including the API key of a probe) travel on stdin, so
-nothing secret shows in ``ps``.
+``python -m deploy.runtime.hostagent`` reads ``{"ops": [...]}`` (JSON) on stdin, runs each
+operation and prints one JSON list with a result per operation. With ``--serve`` it stays up and
+answers one such request per line until end-of-file: ``llm-deploy`` keeps one agent per host
+for a whole command (:meth:`deploy.hosts.connector.Connector.stream`), so a poll costs one round
+trip, not a Python start. Batching keeps one round trip per host per poll, which matters over
+SSH. Requests (including the API key of a probe) travel on stdin, so nothing secret shows in
+``ps``.
 
 Standard library only (plus supervisor's XML-RPC transport for ``rpc``): this runs on every
 host, inside the runtime environment, many times per ``up``.
@@ -17,13 +20,16 @@ Operations (``op`` key), and what they answer:
 - ``bindable`` ``address, port`` -> ``{"free": bool, "error": str}``.
 - ``read`` ``path, tail_lines?, offset?, max_bytes?`` -> ``{"exists": bool, "text": str, "size": int}``.
 - ``stat`` ``path`` -> ``{"exists": bool, "is_dir": bool}``; ``mkdir`` ``path, mode``; ``home``.
+- ``state_dir`` ``path`` -> ``{"ok": bool, "error": str}``: create or adopt the state directory
+  (:func:`deploy.runtime.statedir.prepare`: never a system location or a folder not ours).
 - ``processes`` ``pids`` -> ``{"alive": {pid: cmdline}}``.
 - ``signal`` ``pid, signal, must_contain`` -> ``{"sent": bool}``: only to a process whose command
   line contains ``must_contain`` (so a reused pid is never hit).
 - ``start_supervisord`` ``conf`` -> ``{"exit_code": int, "output": str}``.
 - ``facts`` ``dists, paths, ports: [[address, port]], gpus: bool, disk_path`` -> ``{"python",
   "executable", "versions": {dist: str|None}, "paths": {path: bool}, "ports": [bindable...],
-  "gpus": {"present": bool, "indexes": [int], "error": str}, "disk_free": int, "time": float}``
+  "gpus": {"present": bool, "indexes": [int], "error": str}, "disk_free": int, "time": float,
+  "state_dir": str | None}`` (why ``state_dir`` would refuse ``disk_path``, or None)
   (``doctor``'s questions about one host, answered in one round trip).
 - ``listen`` ``sockets: [[address, port]], seconds, expect`` -> ``{"bound": [str], "peers":
   [str]}``: accept connections for a while (a stand-in for a component not yet started, so
@@ -41,7 +47,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, TypedDict
 
 # The environment supervisord (and so every component) starts with: the login basics only.
 # Proxies would break the components' calls to each other; CPU_ISA makes FastChat try IPEX.
@@ -62,7 +68,101 @@ KEEP_ENV_PREFIXES = ("LD_LIBRARY_PATH", "CUDA_HOME", "HF_HOME")
 MAX_BODY = 256 * 1024
 
 
-def op_rpc(req: dict[str, Any]) -> dict[str, Any]:
+# The answers, typed: the agent's functions return them and the client (deploy.hosts.agent) reads
+# them through the same names, so mypy checks both ends of the protocol.
+
+
+class RpcAnswer(TypedDict, total=False):
+    results: list[dict[str, Any]]  # per call: {"ok": value} or {"fault": code, "text": str}
+    error: str
+
+
+class HttpResult(TypedDict, total=False):
+    status: int
+    body: str
+    error: str  # the request failed before an HTTP status (refused, timed out, TLS)
+
+
+class BindableAnswer(TypedDict):
+    free: bool
+    error: str
+
+
+class ReadAnswer(TypedDict, total=False):
+    exists: bool
+    text: str
+    size: int
+    end: int
+    error: str
+
+
+class StatAnswer(TypedDict):
+    exists: bool
+    is_dir: bool
+
+
+class OkAnswer(TypedDict):
+    ok: bool
+    error: str
+
+
+class HomeAnswer(TypedDict):
+    home: str
+
+
+class ProcessesAnswer(TypedDict):
+    alive: dict[str, str]  # pid -> command line, for the pids still running
+
+
+class SignalAnswer(TypedDict):
+    sent: bool
+
+
+class StartAnswer(TypedDict):
+    exit_code: int
+    output: str
+
+
+class GpusAnswer(TypedDict):
+    present: bool
+    indexes: list[int]
+    error: str
+
+
+class FactsAnswer(TypedDict):
+    python: str
+    executable: str
+    versions: dict[str, str | None]
+    paths: dict[str, bool]
+    ports: list[BindableAnswer]
+    gpus: GpusAnswer
+    disk_free: int
+    time: float
+    state_dir: str | None  # why the state directory is unsafe (None: it is fine)
+
+
+class ListenAnswer(TypedDict):
+    bound: list[str]
+    peers: list[str]
+
+
+Answer = (
+    RpcAnswer
+    | HttpResult
+    | BindableAnswer
+    | ReadAnswer
+    | StatAnswer
+    | OkAnswer
+    | HomeAnswer
+    | ProcessesAnswer
+    | SignalAnswer
+    | StartAnswer
+    | FactsAnswer
+    | ListenAnswer
+)
+
+
+def op_rpc(req: dict[str, Any]) -> RpcAnswer:
     import xmlrpc.client
 
     from supervisor.xmlrpc import SupervisorTransport
@@ -87,7 +187,7 @@ def op_rpc(req: dict[str, Any]) -> dict[str, Any]:
     return {"results": results}
 
 
-def op_http(req: dict[str, Any]) -> dict[str, Any]:
+def op_http(req: dict[str, Any]) -> HttpResult:
     body = None
     headers = dict(req.get("headers") or {})
     if req.get("json") is not None:
@@ -118,7 +218,7 @@ def op_http(req: dict[str, Any]) -> dict[str, Any]:
         return {"error": str(reason) or type(exc).__name__}
 
 
-def op_bindable(req: dict[str, Any]) -> dict[str, Any]:
+def op_bindable(req: dict[str, Any]) -> BindableAnswer:
     # Bind as uvicorn will (SO_REUSEADDR), so a port in TIME_WAIT counts as free.
     try:
         infos = socket.getaddrinfo(req["address"], req["port"], type=socket.SOCK_STREAM)
@@ -134,7 +234,7 @@ def op_bindable(req: dict[str, Any]) -> dict[str, Any]:
     return {"free": True, "error": ""}
 
 
-def op_read(req: dict[str, Any]) -> dict[str, Any]:
+def op_read(req: dict[str, Any]) -> ReadAnswer:
     path = req["path"]
     try:
         with open(path, "rb") as f:
@@ -156,20 +256,27 @@ def op_read(req: dict[str, Any]) -> dict[str, Any]:
     return {"exists": True, "text": text, "size": size, "end": end}
 
 
-def op_stat(req: dict[str, Any]) -> dict[str, Any]:
+def op_stat(req: dict[str, Any]) -> StatAnswer:
     return {"exists": os.path.exists(req["path"]), "is_dir": os.path.isdir(req["path"])}
 
 
-def op_mkdir(req: dict[str, Any]) -> dict[str, Any]:
+def op_mkdir(req: dict[str, Any]) -> OkAnswer:
     try:
         os.makedirs(req["path"], mode=int(req.get("mode", 0o700)), exist_ok=True)
         os.chmod(req["path"], int(req.get("mode", 0o700)))
     except OSError as exc:
         return {"ok": False, "error": f"cannot create {req['path']}: {exc.strerror or exc}"}
-    return {"ok": True}
+    return {"ok": True, "error": ""}
 
 
-def op_home(req: dict[str, Any]) -> dict[str, Any]:
+def op_state_dir(req: dict[str, Any]) -> OkAnswer:
+    from deploy.runtime.statedir import prepare
+
+    error = prepare(os.path.expanduser(req["path"]), int(req.get("mode", 0o700)))
+    return {"ok": error is None, "error": error or ""}
+
+
+def op_home(req: dict[str, Any]) -> HomeAnswer:
     return {"home": os.path.expanduser("~")}
 
 
@@ -189,7 +296,7 @@ def _cmdline(pid: int) -> str | None:
         return ""
 
 
-def op_processes(req: dict[str, Any]) -> dict[str, Any]:
+def op_processes(req: dict[str, Any]) -> ProcessesAnswer:
     alive = {}
     for pid in req["pids"]:
         cmd = _cmdline(int(pid)) if int(pid) > 0 else None
@@ -198,7 +305,7 @@ def op_processes(req: dict[str, Any]) -> dict[str, Any]:
     return {"alive": alive}
 
 
-def op_signal(req: dict[str, Any]) -> dict[str, Any]:
+def op_signal(req: dict[str, Any]) -> SignalAnswer:
     pid = int(req["pid"])
     cmd = _cmdline(pid) if pid > 0 else None
     if not cmd or req["must_contain"] not in cmd:
@@ -210,7 +317,7 @@ def op_signal(req: dict[str, Any]) -> dict[str, Any]:
     return {"sent": True}
 
 
-def op_start_supervisord(req: dict[str, Any]) -> dict[str, Any]:
+def op_start_supervisord(req: dict[str, Any]) -> StartAnswer:
     env = {k: v for k, v in os.environ.items() if k in KEEP_ENV or k.startswith(KEEP_ENV_PREFIXES)}
     try:
         proc = subprocess.run(
@@ -230,10 +337,12 @@ def op_start_supervisord(req: dict[str, Any]) -> dict[str, Any]:
     return {"exit_code": proc.returncode, "output": output}
 
 
-def op_facts(req: dict[str, Any]) -> dict[str, Any]:
+def op_facts(req: dict[str, Any]) -> FactsAnswer:
     import importlib.metadata
     import shutil
     import time
+
+    from deploy.runtime.statedir import check
 
     versions: dict[str, str | None] = {}
     for dist in req.get("dists", []):
@@ -241,7 +350,7 @@ def op_facts(req: dict[str, Any]) -> dict[str, Any]:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
-    gpus: dict[str, Any] = {"present": False, "indexes": [], "error": ""}
+    gpus: GpusAnswer = {"present": False, "indexes": [], "error": ""}
     if req.get("gpus"):
         gpus = _gpus(shutil.which("nvidia-smi"))
     disk = os.path.expanduser(req.get("disk_path") or "~")
@@ -256,10 +365,11 @@ def op_facts(req: dict[str, Any]) -> dict[str, Any]:
         "gpus": gpus,
         "disk_free": shutil.disk_usage(disk or "/").free,
         "time": time.time(),
+        "state_dir": check(os.path.expanduser(req["disk_path"])) if req.get("disk_path") else None,
     }
 
 
-def _gpus(nvidia_smi: str | None) -> dict[str, Any]:
+def _gpus(nvidia_smi: str | None) -> GpusAnswer:
     if nvidia_smi is None:
         return {"present": False, "indexes": [], "error": "nvidia-smi not found"}
     argv = [nvidia_smi, "--query-gpu=index", "--format=csv,noheader"]
@@ -273,7 +383,7 @@ def _gpus(nvidia_smi: str | None) -> dict[str, Any]:
     return {"present": True, "indexes": indexes, "error": ""}
 
 
-def op_listen(req: dict[str, Any]) -> dict[str, Any]:
+def op_listen(req: dict[str, Any]) -> ListenAnswer:
     import selectors
     import time
 
@@ -303,13 +413,13 @@ def op_listen(req: dict[str, Any]) -> dict[str, Any]:
     return {"bound": bound, "peers": peers}
 
 
-def op_connect(req: dict[str, Any]) -> dict[str, Any]:
+def op_connect(req: dict[str, Any]) -> OkAnswer:
     from deploy.polling import DeadlineExceeded, poll_until
 
     timeout = float(req.get("timeout", 5))
     last = {"error": ""}
 
-    def attempt() -> dict[str, Any] | None:
+    def attempt() -> OkAnswer | None:
         try:
             with socket.create_connection((req["address"], int(req["port"])), timeout=timeout):
                 return {"ok": True, "error": ""}
@@ -331,14 +441,35 @@ def op_connect(req: dict[str, Any]) -> dict[str, Any]:
 OPS = {name[3:]: fn for name, fn in globals().items() if name.startswith("op_")}
 
 
-def main() -> None:
-    """Answer the operations read on stdin with one JSON list on stdout."""
-    request = json.load(sys.stdin)
+def answer(request: dict[str, Any]) -> list[Answer | dict[str, str]]:
+    """One result per operation of ``request`` (``{"ops": [...]}``)."""
     results = []
     for op in request["ops"]:
         handler = OPS.get(op.get("op", ""))
         results.append(handler(op) if handler else {"error": f"unknown op {op.get('op')!r}"})
-    sys.stdout.write(json.dumps(results))
+    return results
+
+
+def serve() -> None:
+    """``--serve``: answer one request per stdin line with one JSON line, until end-of-file.
+
+    A request that fails answers ``{"agent_error": "..."}`` and the agent keeps serving.
+    """
+    for line in iter(sys.stdin.buffer.readline, b""):
+        try:
+            reply: object = answer(json.loads(line))
+        except Exception as exc:  # one bad request must not end the session
+            reply = {"agent_error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+def main() -> None:
+    """Answer the operations read on stdin with one JSON list on stdout (``--serve``: many)."""
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+        return
+    sys.stdout.write(json.dumps(answer(json.load(sys.stdin))))
 
 
 if __name__ == "__main__":

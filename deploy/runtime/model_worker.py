@@ -15,7 +15,8 @@ Differences from upstream:
   failed heartbeat or re-registration is retried at the next beat instead of ending the
   heartbeat thread (:mod:`deploy.runtime.heartbeat`), so a restarted controller gets the worker
   back within one interval;
-- with ``--allowed-clients-file``, the generation routes answer only the listed client
+- with ``--allowed-clients-file``, every route (generation, ``/count_token``, ``/model_details``,
+  ``/worker_get_conv_template``, ``/worker_get_status``, the docs) answers only the listed client
   addresses and loopback (upstream: anyone who can reach the port);
 - it starts under transformers 5 (:mod:`deploy.runtime.compat`);
 - a taken port exits 1 before the model loads; no log file of its own.
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allowed-clients-file",
         type=Path,
         metavar="PATH",
-        help='JSON {"hosts": [ip, ...]}: the only non-loopback clients of the generation routes',
+        help='JSON {"hosts": [ip, ...]}: the only non-loopback clients of any route',
     )
     # Read here too, for checks before the model loads; passed on to FastChat.
     parser.add_argument("--host", default="localhost")
@@ -120,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         app.add_middleware(ClientAllowlistMiddleware, allowlist=allowlist)
     logger.info(
-        "model_worker: template %s, heartbeat every %d s, generation routes open to %s",
+        "model_worker: template %s, heartbeat every %d s, routes open to %s",
         args.conv_template,
         args.heartbeat_interval,
         f"loopback and {args.allowed_clients_file}" if allowlist is not None else "anyone",

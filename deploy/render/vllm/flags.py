@@ -1,9 +1,10 @@
-"""The recorded flags of vLLM's parsers, and spec engine arguments checked against them (pure).
+"""The recorded flags of the engines' parsers, and spec engine arguments checked against them (pure).
 
 The records live in ``deploy/render/data/`` and are written by ``scripts/refresh-vllm-flags.py``:
-``vllm_serve_flags.json`` (``vllm serve`` of the release the project documents) and
+``vllm_serve_flags.json`` (``vllm serve`` of the release the project documents),
 ``vllm_engine_flags_0.6.2.json`` (the engine flags ``fastchat.serve.vllm_worker`` gets from
-vLLM 0.6.2). Each says its vLLM version, the date and the method of the recording.
+vLLM 0.6.2) and ``fastchat_model_worker_flags.json`` (FastChat 0.2.36's ``model_worker``, the
+``hf`` kind). Each says its engine and release, the date and the method of the recording.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "FlagRecord",
     "engine_flags",
     "fastchat_engine_flags",
+    "model_worker_flags",
     "pairs",
     "serve_flags",
 ]
@@ -50,11 +52,12 @@ class FlagRecord:
     """The flags of one vLLM release's parser, as recorded in ``deploy/render/data/``.
 
     Attributes:
-        vllm_version: The release.
+        vllm_version: The release (of vLLM, or of ``engine`` for other records).
         recorded: The date of the recording.
         method: How the list was made.
-        command: The parser (``vllm serve``, or the engine flags ``vllm_worker`` adds).
+        command: The parser (``vllm serve``, the engine flags ``vllm_worker`` adds, ``model_worker``).
         flags: Every accepted spelling (aliases and negative forms too) -> its flag.
+        engine: Whose parser it is (``vLLM``, ``FastChat``).
     """
 
     vllm_version: str
@@ -62,6 +65,7 @@ class FlagRecord:
     method: str
     command: str
     flags: Mapping[str, Flag]
+    engine: str = "vLLM"
 
     @classmethod
     def load(cls, resource: str) -> FlagRecord:
@@ -78,7 +82,14 @@ class FlagRecord:
             for name in (entry["flag"], *entry.get("aliases", ()), entry.get("negative")):
                 if name:
                     flags[name] = flag
-        return cls(data["vllm_version"], data["recorded"], data["method"], data["command"], flags)
+        return cls(
+            data["vllm_version"],
+            data["recorded"],
+            data["method"],
+            data["command"],
+            flags,
+            data.get("engine", "vLLM"),
+        )
 
 
 @cache
@@ -91,6 +102,12 @@ def serve_flags() -> FlagRecord:
 def fastchat_engine_flags() -> FlagRecord:
     """The engine flags ``fastchat.serve.vllm_worker`` gets from vLLM 0.6.2."""
     return FlagRecord.load(f"vllm_engine_flags_{FASTCHAT_ENGINE_RELEASE}.json")
+
+
+@cache
+def model_worker_flags() -> FlagRecord:
+    """The flags of FastChat 0.2.36's ``model_worker`` (the ``hf`` kind)."""
+    return FlagRecord.load("fastchat_model_worker_flags.json")
 
 
 def pairs(engine_args: EngineArgs) -> dict[str, EngineValue]:
@@ -126,7 +143,9 @@ def engine_flags(
         if flag is None:
             close = difflib.get_close_matches(name, list(record.flags), n=3)
             hint = f"; did you mean {', '.join(c[2:].replace('-', '_') for c in close)}?" if close else ""
-            raise SpecError(path, f"vLLM {record.vllm_version} ({record.command}) has no flag {name}{hint}")
+            raise SpecError(
+                path, f"{record.engine} {record.vllm_version} ({record.command}) has no flag {name}{hint}"
+            )
         flags += _flag_values(path, name, flag, value)
     return flags
 

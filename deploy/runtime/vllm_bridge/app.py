@@ -48,7 +48,7 @@ def create_app(
 
     Args:
         worker: The bridge worker.
-        allowlist: When given, the generation routes answer only these client addresses and
+        allowlist: When given, every route answers only these client addresses and
             loopback (the same middleware as the hardened model_worker).
         api_key: vLLM's key, if it has one (sent on the pass-through's calls).
     """

@@ -6,6 +6,7 @@ Usage::
         --conv-template NAME --host H --port P --worker-address URL --controller-address URL
         [--heartbeat-interval SECONDS (default 5)] [--limit-worker-concurrency N (default 1024)]
         [--allowed-clients-file PATH] [--upstream-model NAME] [--context-length N]
+        [--model-path DIR (the model vLLM serves: its vocabulary size checks stop token ids)]
 
 The upstream's API key, if it has one (``vllm serve --api-key``), comes from ``$VLLM_API_KEY``,
 the variable vLLM itself reads, never from argv. Like the other runtime entry points: a taken
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import logging
 import os
 import sys
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allowed-clients-file",
         type=Path,
         metavar="PATH",
-        help='JSON {"hosts": [ip, ...]}: the only non-loopback clients of the generation routes',
+        help='JSON {"hosts": [ip, ...]}: the only non-loopback clients of any route',
     )
     parser.add_argument(
         "--upstream-model",
@@ -82,7 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--context-length", type=positive_int, metavar="N", help="override the context length vLLM reports"
     )
+    parser.add_argument(
+        "--model-path",
+        type=Path,
+        metavar="DIR",
+        help="the model directory vLLM serves: template stop token ids outside its vocabulary are dropped",
+    )
     return parser
+
+
+def vocab_size(model_path: Path) -> int | None:
+    """The vocabulary size in ``model_path/config.json`` (as vLLM reads it), None when unknown."""
+    try:
+        config = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config.get("text_config") or {}, config):
+        size = section.get("vocab_size") if isinstance(section, dict) else None
+        if isinstance(size, int) and size > 0:
+            return size
+    return None
 
 
 def conv_template(name: str) -> dict[str, Any]:
@@ -110,10 +131,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         allowlist = ClientAllowlist.load(args.allowed_clients_file) if args.allowed_clients_file else None
     except StartupError as exc:
         fail(COMPONENT, str(exc))
-    conv = _load_template(args.conv_template)
+    conv = dict(_load_template(args.conv_template))
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
     # httpx logs every request at INFO: a heartbeat every few seconds would bury the rest.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    from deploy.runtime.vllm_bridge.translate import in_vocab
+
+    vocab = vocab_size(args.model_path) if args.model_path else None
+    kept, dropped = in_vocab(conv.get("stop_token_ids") or (), vocab)
+    if dropped:
+        conv["stop_token_ids"] = kept
+        # vLLM would refuse every generation with these; the model cannot produce them anyway.
+        logger.warning(
+            "vllm_bridge: --conv-template %s has stop token ids %s outside the model's %d-token "
+            "vocabulary (%s): dropped; is this the model's template?",
+            args.conv_template,
+            dropped,
+            vocab,
+            args.model_path,
+        )
 
     from deploy.runtime.vllm_bridge.app import create_app
     from deploy.runtime.vllm_bridge.upstream import Upstream
@@ -128,13 +165,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         context_length=args.context_length,
         heartbeat_interval=args.heartbeat_interval,
         limit_worker_concurrency=args.limit_worker_concurrency,
+        vocab_size=vocab,
     )
     upstream = Upstream(args.upstream, api_key=os.environ.get(API_KEY_ENV) or None)
     worker = BridgeWorker(settings, upstream, on_refused=lambda message: fail(COMPONENT, message))
     app = create_app(worker, allowlist=allowlist, api_key=os.environ.get(API_KEY_ENV) or None)
     logger.info(
-        "vllm_bridge: %s -> vLLM at %s (key %s), template %s, heartbeat every %d s, "
-        "generation routes open to %s",
+        "vllm_bridge: %s -> vLLM at %s (key %s), template %s, heartbeat every %d s, routes open to %s",
         ",".join(args.model_names),
         upstream.base_url,
         "set" if os.environ.get(API_KEY_ENV) else "none",

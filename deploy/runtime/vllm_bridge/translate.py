@@ -15,7 +15,7 @@ accept nothing else).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,13 +55,29 @@ class ParamError(BridgeError):
     """A generation parameter the bridge cannot pass to vLLM (answered with 40302)."""
 
 
-def completion_request(params: Mapping[str, Any], model: str, *, stream: bool) -> dict[str, Any]:
+def in_vocab(token_ids: Iterable[object], vocab_size: int | None) -> tuple[list[int], list[int]]:
+    """``token_ids`` split into (ids the model can produce, ids it cannot: outside ``0..vocab_size-1``).
+
+    vLLM refuses a request whose ``stop_token_ids`` lie outside the vocabulary (a conversation
+    template written for another model family, e.g. Qwen's 151643-151645 on a small model); a
+    model cannot produce such a token, so stopping on it changes nothing and it is dropped.
+    """
+    ids = [int(t) for t in token_ids if t is not None]  # type: ignore[call-overload]
+    if vocab_size is None:
+        return ids, []
+    return [t for t in ids if 0 <= t < vocab_size], [t for t in ids if not 0 <= t < vocab_size]
+
+
+def completion_request(
+    params: Mapping[str, Any], model: str, *, stream: bool, vocab_size: int | None = None
+) -> dict[str, Any]:
     """The ``/v1/completions`` body for FastChat generation ``params``.
 
     Args:
         params: What FastChat's API server posts to ``/worker_generate(_stream)``.
         model: The model name the upstream serves (``--served-model-name``).
         stream: Ask for Server-Sent Events (with usage in every event) rather than one answer.
+        vocab_size: The model's vocabulary size, when known: stop token ids outside it are dropped.
 
     Raises:
         ParamError: ``prompt`` is missing, or ``images`` are given (text-only bridge).
@@ -97,7 +113,7 @@ def completion_request(params: Mapping[str, Any], model: str, *, stream: bool) -
     stop = _stop_strings(params.get("stop"))
     if stop:
         body["stop"] = stop
-    stop_ids = [int(t) for t in params.get("stop_token_ids") or () if t is not None]
+    stop_ids, _ = in_vocab(params.get("stop_token_ids") or (), vocab_size)
     if stop_ids:
         body["stop_token_ids"] = stop_ids
     if params.get("logprobs") is not None:

@@ -61,6 +61,7 @@ class BridgeSettings:
         context_length: Overrides the context length vLLM reports.
         heartbeat_interval: Seconds between health checks and heartbeats.
         limit_worker_concurrency: Requests sent upstream at once; more wait in the bridge.
+        vocab_size: The model's vocabulary size, when known (stop token ids outside it are dropped).
     """
 
     model_names: tuple[str, ...]
@@ -71,6 +72,7 @@ class BridgeSettings:
     context_length: int | None = None
     heartbeat_interval: float = 5.0
     limit_worker_concurrency: int = 1024
+    vocab_size: int | None = None
 
 
 def pick_served_model(served: Mapping[str, int | None], settings: BridgeSettings) -> str:
@@ -264,7 +266,9 @@ class BridgeWorker:
                 return
             assert self.served_model is not None
             try:
-                body = completion_request(params, self.served_model, stream=True)
+                body = completion_request(
+                    params, self.served_model, stream=True, vocab_size=self.settings.vocab_size
+                )
                 state = StreamState(stop=body.get("stop", ()))
                 async with contextlib.aclosing(self.upstream.stream(body)) as events:
                     async for event in events:
@@ -283,7 +287,9 @@ class BridgeWorker:
                 return self._failed(problem)
             assert self.served_model is not None
             try:
-                body = completion_request(params, self.served_model, stream=False)
+                body = completion_request(
+                    params, self.served_model, stream=False, vocab_size=self.settings.vocab_size
+                )
                 return generate_result(await self.upstream.complete(body))
             except BridgeError as exc:
                 return self._failed(exc)

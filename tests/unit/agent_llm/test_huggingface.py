@@ -32,7 +32,9 @@ def forward_calls(llm: HuggingFaceLanguageBackend) -> Any:
     handle.remove()
 
 
-def independent_scores(llm: HuggingFaceLanguageBackend, messages: list[dict[str, str]]) -> dict[str, float]:
+def independent_scores(
+    llm: HuggingFaceLanguageBackend, messages: list[dict[str, str]], options: list[str] = OPTIONS
+) -> dict[str, float]:
     """Sum of log-probs of option + <|im_end|> after the templated prompt: one plain forward per option."""
     import torch
 
@@ -40,7 +42,7 @@ def independent_scores(llm: HuggingFaceLanguageBackend, messages: list[dict[str,
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt_ids = tok(prompt, add_special_tokens=False).input_ids
     scores = {}
-    for option in OPTIONS:
+    for option in options:
         cont = tok(option + "<|im_end|>", add_special_tokens=False).input_ids
         ids = prompt_ids + cont
         with torch.inference_mode():
@@ -49,7 +51,7 @@ def independent_scores(llm: HuggingFaceLanguageBackend, messages: list[dict[str,
     return scores
 
 
-def test_choose_returns_the_most_likely_option_from_one_batched_pass(
+def test_choose_returns_the_most_likely_option_with_the_prompt_run_once(
     llm: HuggingFaceLanguageBackend, forward_calls: list[int], recorder: Any
 ) -> None:
     llm.logger = recorder
@@ -57,10 +59,11 @@ def test_choose_returns_the_most_likely_option_from_one_batched_pass(
         chosen = llm.choose_from_options(MESSAGES, OPTIONS)
     finally:
         llm.logger = None
-    assert forward_calls == [1], "every option is scored in one forward pass"
+    assert forward_calls == [1, 1], "the prompt once, then every option in one pass on its KV cache"
     expected = independent_scores(llm, MESSAGES)
     entry = llm.history[-1]
-    assert entry["choice_method"] == "loglik" and entry["forward_passes"] == 1
+    assert entry["choice_method"] == "loglik" and entry["forward_passes"] == 2
+    assert entry["kv_cache_shared"] is True
     for option in OPTIONS:
         assert entry["option_scores"][option] == pytest.approx(expected[option], abs=1e-4)
     assert chosen == max(OPTIONS, key=lambda o: expected[o])
@@ -85,9 +88,30 @@ def test_choice_batch_size_splits_passes_with_the_same_scores(
     whole = llm.history[-1]["option_scores"]
     chunked = HuggingFaceLanguageBackend(model_id=str(tiny_model), context_length=2048, choice_batch_size=2)
     chunked.choose_from_options(MESSAGES, OPTIONS)
-    assert chunked.history[-1]["forward_passes"] == 3
+    assert chunked.history[-1]["forward_passes"] == 4, "the prompt once, then three chunks"
     for option in OPTIONS:
         assert chunked.history[-1]["option_scores"][option] == pytest.approx(whole[option], abs=1e-4)
+
+
+def test_shared_prompt_scores_match_full_rows_at_32_options(llm: HuggingFaceLanguageBackend) -> None:
+    options = [
+        f"{verb} the {thing}"
+        for verb in ("go to", "open", "take", "push")
+        for thing in (
+            "red door",
+            "blue box",
+            "old map",
+            "green lamp",
+            "small key",
+            "big table",
+            "window",
+            "sky",
+        )
+    ]
+    assert len(options) == 32
+    scores = llm.score_options(MESSAGES, options).scores
+    expected = independent_scores(llm, MESSAGES, options)
+    assert scores == pytest.approx([expected[o] for o in options], abs=1e-4)
 
 
 def test_count_tokens_is_the_templated_prompt_with_one_bos(tiny_model: Path) -> None:

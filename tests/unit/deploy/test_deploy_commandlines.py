@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from deploy_helpers import spec_data
 
 from deploy.errors import SpecError
-from deploy.render.components import build_components, engine_flags, mask_secrets
-from deploy.spec.load import parse_cluster_spec
+from deploy.render.components import build_components, mask_secrets
+from deploy.spec.load import default_spec_text, parse_cluster_spec
 from deploy.spec.model import ClusterSpec
 
 
@@ -32,9 +33,12 @@ def test_a_key_digest_changes_only_the_api_servers_fingerprint(spec: ClusterSpec
 
 def test_the_controller_accepts_exactly_the_specs_workers(spec: ClusterSpec) -> None:
     controller, _, worker = build_components(spec)
-    (allowed,) = controller.files
+    allowed, readers = controller.files
     assert json.loads(allowed.content) == {"workers": ["http://127.0.0.1:41003"], "hosts": ["127.0.0.1"]}
     assert allowed.mode == 0o600
+    # The registry's reads (and docs) answer the cluster's own hosts only.
+    assert json.loads(readers.content) == {"hosts": ["127.0.0.1"]} and readers.mode == 0o600
+    assert controller.argv[controller.argv.index("--allowed-clients-file") + 1] == readers.path
     (clients,) = worker.files
     assert json.loads(clients.content) == {"hosts": ["127.0.0.1"]}
 
@@ -48,14 +52,35 @@ def test_host_names_go_into_the_allowlists_for_the_runtime_to_resolve() -> None:
     assert "--allowed-clients-file" in worker.argv
 
 
-def test_engine_flags() -> None:
-    args = (
-        ("max_model_len", 4096),
-        ("enforce_eager", True),
-        ("trust_remote_code", False),
-        ("stop", ("a", 1)),
-    )
-    assert engine_flags(args) == ["--max-model-len", "4096", "--enforce-eager", "--stop", "a", "1"]
+def _hf_spec(tmp_path: Path, engine_args: dict[str, object]) -> ClusterSpec:
+    data = yaml.safe_load(default_spec_text())
+    data["models"][0]["engine_args"] = engine_args
+    return parse_cluster_spec(data, base_dir=tmp_path)
+
+
+def test_hf_engine_args_become_model_worker_flags(tmp_path: Path) -> None:
+    spec = _hf_spec(tmp_path, {"load_8bit": True, "cpu_offloading": False, "max_gpu_memory": "20GiB"})
+    worker = next(c for c in build_components(spec) if c.role == "worker")
+    assert worker.argv[-3:] == ("--load-8bit", "--max-gpu-memory", "20GiB")
+
+
+@pytest.mark.parametrize(
+    ("engine_args", "problem"),
+    [
+        ({"max_model_length": 10}, "FastChat 0.2.36 (model_worker) has no flag --max-model-length"),
+        ({"model_path": "/x"}, "set by llm-deploy"),
+        ({"no_register": True}, "serves nothing"),
+        ({"load_8bit": "yes"}, "engine_args.load_8bit"),
+    ],
+)
+def test_hf_engine_args_are_checked_against_the_model_workers_flags(
+    tmp_path: Path, engine_args: dict[str, object], problem: str
+) -> None:
+    """A flag the worker does not know would kill it at start: refused with its yaml path first."""
+    with pytest.raises(SpecError) as caught:
+        build_components(_hf_spec(tmp_path, engine_args))
+    assert str(caught.value).startswith(f"models[0].engine_args.{next(iter(engine_args))}")
+    assert problem in str(caught.value)
 
 
 def test_mask_secrets() -> None:

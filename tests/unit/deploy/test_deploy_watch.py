@@ -120,3 +120,76 @@ def test_the_active_check_suspends_holds_back_registration_and_readmits() -> Non
     verdict["http://w"] = None
     check.check_round()
     assert "http://w" in registry and check.suspended == {}
+
+
+class _Recorder(HTTPServer):
+    """A real HTTP server that records every request and answers with ``self.answer``."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, bytes]] = []
+        self.answer: tuple[int, dict[str, str]] = (204, {})
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                recorder.requests.append((self.command, self.path, body))
+                code, headers = recorder.answer
+                self.send_response(code)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = _any
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}/hook"
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[_Recorder, _Recorder]]:
+    hook, elsewhere = _Recorder(), _Recorder()
+    try:
+        yield hook, elsewhere
+    finally:
+        for s in (hook, elsewhere):
+            s.shutdown()
+            s.server_close()
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_row6_a_redirecting_webhook_is_a_failed_delivery_never_followed(
+    servers: tuple[_Recorder, _Recorder], code: int
+) -> None:
+    """Issue 14 row 6: a 302 to another local port was followed as a bodyless GET and counted delivered."""
+    hook, elsewhere = servers
+    hook.answer = (code, {"Location": elsewhere.url})
+    error = post_webhook(hook.url, StateChange("c", "w", "h", "A", "B", "why", "t"), timeout=5)
+    assert error is not None and f"HTTP {code}" in error and "not followed" in error
+    assert [r[0] for r in hook.requests] == ["POST"]
+    assert elsewhere.requests == []
+
+
+def test_an_event_the_webhook_did_not_take_is_sent_again_next_round(
+    servers: tuple[_Recorder, _Recorder],
+) -> None:
+    hook, elsewhere = servers
+    hook.answer = (302, {"Location": elsewhere.url})
+    seen = iter([status(w=("RUNNING", True)), status(w=("EXITED", False)), status(w=("EXITED", False))])
+    lines: list[str] = []
+    watcher = Watcher(lambda: next(seen), 0.01, hook.url, lines.append)
+    list(watcher.rounds(2))
+    assert any("webhook" in line and "failed: HTTP 302" in line for line in lines)
+    hook.answer = (200, {})
+    list(watcher.rounds(1))  # nothing changed, but the undelivered event goes out now
+    posted = [json.loads(body) for method, _, body in hook.requests if method == "POST"]
+    assert [(p["old_state"], p["new_state"]) for p in posted] == [("HEALTHY", "EXITED")] * 2
+    assert elsewhere.requests == [] and watcher.undelivered == []

@@ -183,11 +183,20 @@ def test_listed_and_loopback_clients_may_generate(client_host: str) -> None:
 
 
 @pytest.mark.parametrize("client_host", ["10.0.0.6", "192.0.2.7", "testclient"])
-def test_other_clients_get_403_on_generation_routes(
-    client_host: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_other_clients_get_403_on_every_route(client_host: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="deploy.runtime.security")
     worker = _worker(client_host)
     assert worker.post("/worker_generate").status_code == 403
     assert f"refused POST /worker_generate from {client_host}" in caplog.text
-    assert worker.post("/worker_get_status").status_code == 200  # the controller polls this
+    # Metadata and docs too (issue 14 row 8): only the controller's and API server's hosts.
+    assert worker.post("/worker_get_status").status_code == 403
+    assert worker.get("/openapi.json").status_code == 403
+
+
+def test_exempt_paths_stay_open_to_anyone() -> None:
+    app = _app()
+    allowlist = ClientAllowlist(hosts=frozenset())
+    app.add_middleware(ClientAllowlistMiddleware, allowlist=allowlist, exempt=("/worker_get_status",))
+    stranger = TestClient(app, client=("10.0.0.9", 40000))
+    assert stranger.post("/worker_get_status").status_code == 200
+    assert stranger.post("/worker_generate").status_code == 403

@@ -212,3 +212,27 @@ def test_error_codes_are_fastchats() -> None:
     }
     for name in ("INVALID_MODEL", "PARAM_OUT_OF_RANGE", "CONTEXT_OVERFLOW", "INTERNAL_ERROR"):
         assert getattr(translate, name) == codes[name]
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_dropped() -> None:
+    """Qwen's stop ids on the 605-token tiny model: a real vLLM refuses every such request."""
+    body = completion_request(
+        {**CHAT_PARAMS, "stop_token_ids": [2, 151643, 604, 605]}, MODEL, stream=False, vocab_size=605
+    )
+    assert body["stop_token_ids"] == [2, 604]
+    only_foreign = completion_request(CHAT_PARAMS, MODEL, stream=False, vocab_size=605)
+    assert "stop_token_ids" not in only_foreign
+    assert translate.in_vocab([151643, 5, None], None) == ([151643, 5], [])
+    assert translate.in_vocab([151643, 5, -1], 605) == ([5], [151643, -1])
+
+
+def test_the_bridge_reads_the_vocabulary_size_as_vllm_does(tmp_path: Path) -> None:
+    from deploy.runtime.vllm_bridge.cli import vocab_size
+
+    assert vocab_size(tmp_path) is None  # no config.json
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 605}))
+    assert vocab_size(tmp_path) == 605
+    (tmp_path / "config.json").write_text(
+        json.dumps({"vocab_size": 9, "text_config": {"vocab_size": 262144}})
+    )
+    assert vocab_size(tmp_path) == 262144

