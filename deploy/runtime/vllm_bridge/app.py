@@ -15,7 +15,7 @@ Every route FastChat's controller and API server call on a worker (``base_model_
 ``POST /v1/...``, ``/tokenize``  vLLM's OpenAI routes, passed through (:mod:`.passthrough`)
 =============================== =====================================================
 
-The generation routes and the pass-through routes answer only the client allowlist (the
+Every route, the pass-through routes included, answers only the client allowlist (the
 controller's and the API server's hosts) and loopback.
 """
 
@@ -52,7 +52,7 @@ def create_app(
             loopback (the same middleware as the hardened model_worker).
         api_key: vLLM's key, if it has one (sent on the pass-through's calls).
     """
-    from deploy.runtime.vllm_bridge.passthrough import OPENAI_ROUTES, PassThrough
+    from deploy.runtime.vllm_bridge.passthrough import PassThrough
 
     passthrough = PassThrough(None, worker, api_key=api_key)
 
@@ -109,11 +109,10 @@ def create_app(
     passthrough.app = app
     outer: Any = passthrough
     if allowlist is not None:
-        from deploy.runtime.security import GENERATION_ROUTES, ClientAllowlistMiddleware
+        from deploy.runtime.security import ClientAllowlistMiddleware
 
-        outer = ClientAllowlistMiddleware(
-            outer, allowlist=allowlist, paths=(*GENERATION_ROUTES, *OPENAI_ROUTES)
-        )
+        # Every route, the pass-through included (issue 14: metadata routes too).
+        outer = ClientAllowlistMiddleware(outer, allowlist=allowlist)
     return outer
 
 
