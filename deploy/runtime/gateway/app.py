@@ -47,6 +47,7 @@ from deploy.runtime.gateway.routing import RoutingTable
 __all__ = ["Gateway"]
 
 logger = logging.getLogger(__name__)
+access = logging.getLogger("deploy.runtime.gateway.access")
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
 VLLM_ONLY = ("/v1/responses", "/v1/embeddings", "/tokenize", "/detokenize")
@@ -95,15 +96,32 @@ class Gateway:
             return
         if scope["type"] != "http":
             return
+        status = 0
+
+        async def send_noting_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            await self._http(scope, receive, send)
+            await self._http(scope, receive, send_noting_status)
         except ApiError as exc:
-            await _error(send, exc)
+            await _error(send_noting_status, exc)
         except asyncio.CancelledError:
+            status = status or 499
             raise
         except Exception:
             logger.exception("gateway: unexpected error on %s %s", scope.get("method"), scope.get("path"))
-            await _error(send, ApiError("the server failed on this request; it has been logged"))
+            await _error(
+                send_noting_status, ApiError("the server failed on this request; it has been logged")
+            )
+        finally:
+            # The access line without the query string: a key sent there must reach no log.
+            query = "?<query removed>" if scope.get("query_string") else ""
+            access.info(
+                '%s - "%s %s%s" %s', _client(scope), scope.get("method"), scope.get("path"), query, status
+            )
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -217,10 +235,14 @@ class Gateway:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' is required (a model name from /v1/models)", param="model")
+        if not self.table.models().get(model):
+            await self.registry.refresh_soon()  # registered a moment ago? (rate-limited)
         kind = self.table.kind(model)
         if kind is None:
             if not self.registry.refreshed.is_set():
                 raise NoReplica("the server is starting and knows no replica yet; retry shortly")
+            if model in self.table.ever:
+                raise NoReplica(f"no replica of {model!r} is up at the moment; retry shortly")
             raise ModelNotFound(model, self.table.served())
         check_request(body, self.limits)
         affinity = _affinity(scope, body)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import httpx
@@ -25,6 +26,7 @@ __all__ = ["Registry"]
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 5.0
+MIN_ON_DEMAND = 1.0  # seconds between refreshes asked for by requests
 
 
 class Registry:
@@ -48,10 +50,24 @@ class Registry:
         self._stopping = False
         self._last_problem = ""
         self.refreshed = asyncio.Event()
+        self._on_demand = asyncio.Lock()
+        self._last_refresh = 0.0
 
     def wake(self) -> None:
         """Refresh now rather than at the next interval."""
         self._wake.set()
+
+    async def refresh_soon(self) -> None:
+        """Refresh now, unless one ran in the last :data:`MIN_ON_DEMAND` seconds (or is running).
+
+        For a request whose model the table does not have (yet): a worker that registered a
+        moment ago is then found without waiting for the next interval, and a client sending
+        unknown names cannot make the controller answer more than once a second.
+        """
+        async with self._on_demand:
+            if time.monotonic() - self._last_refresh < MIN_ON_DEMAND:
+                return
+            await self.refresh()
 
     async def run(self) -> None:
         """Refresh every interval until :meth:`stop`; never raises."""
@@ -71,6 +87,7 @@ class Registry:
 
     async def refresh(self) -> None:
         """One refresh of the whole table from the controller."""
+        self._last_refresh = time.monotonic()
         try:
             response = await self._client.post(
                 f"{self.controller}/list_workers", json={}, timeout=PROBE_TIMEOUT

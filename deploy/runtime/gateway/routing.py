@@ -53,6 +53,8 @@ class RoutingTable:
     """Replicas by URL; see the module docstring for how one is chosen."""
 
     replicas: dict[str, Replica] = field(default_factory=dict)
+    # Every model name ever served: one without a replica now is a 503 (retry), not a 404.
+    ever: set[str] = field(default_factory=set)
     _turn: itertools.count[int] = field(default_factory=itertools.count)
 
     def models(self) -> dict[str, list[Replica]]:
@@ -122,6 +124,7 @@ class RoutingTable:
             old = self.replicas.get(url)
             replica.outstanding = old.outstanding if old is not None else replica.outstanding
             table[url] = replica
+            self.ever.update(replica.models)
         self.replicas = table
 
 
