@@ -37,6 +37,7 @@ from bench.measure import median, percentile, ratio_line, scaled, table
 WORKER_COUNTS = (1, 2, 4)
 TARGET = 1.3
 RERUN_TARGET_S = 3.0
+STATUS_TARGET_S = 1.0  # llm-deploy status on 1 + 4 SSH hosts
 HOSTS = ("head", "w1", "w2", "w3", "w4")
 
 
@@ -95,6 +96,7 @@ def main() -> None:
         return
     ups: dict[int, list[CliRun]] = {n: [] for n in WORKER_COUNTS}
     reruns: list[CliRun] = []
+    statuses: list[CliRun] = []
     rounds = scaled(1, minimum=1)
     with workspace("bench-multihost-") as ws, tempfile.TemporaryDirectory(prefix="bench-hosts-") as hosts_dir:
         try:
@@ -114,6 +116,7 @@ def main() -> None:
                                     f"up on the healthy 1+{n} cluster changed something:\n{run.tail()}"
                                 )
                             reruns.append(run)
+                            statuses.append(ws.cli("status", str(spec)))
                         print(
                             f"  1+{n} re-run: median {median([r.seconds for r in reruns]):.2f}s", flush=True
                         )
@@ -146,11 +149,17 @@ def main() -> None:
         )
     )  # fmt: skip
     print(phase_table(reruns))
+    status = [r.seconds for r in statuses]
+    print(f"llm-deploy status (healthy 1 + 4 cluster, SSH): {len(status)} runs, median {median(status):.2f}s")
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     rerun_ratio = median(rerun) / RERUN_TARGET_S
     verdict = "met" if rerun_ratio <= 1 else "MISSED"
     target = f"median {median(rerun):.2f}s / {RERUN_TARGET_S}s; <= 1: {verdict}"
     print(ratio_line("idempotent.ssh_1_4_rerun_over_3s", rerun_ratio, target))
+    status_ratio = median(status) / STATUS_TARGET_S
+    verdict = "met" if status_ratio <= 1 else "MISSED"
+    target = f"median {median(status):.2f}s / {STATUS_TARGET_S}s; <= 1: {verdict}"
+    print(ratio_line("status.ssh_1_4_over_1s", status_ratio, target))
     ratio = median([r.seconds for r in ups[max(WORKER_COUNTS)]]) / base
     print(
         ratio_line(

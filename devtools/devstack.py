@@ -33,12 +33,14 @@ from deploy.security.secretfiles import write_secret_file
 __all__ = [
     "CONV_TEMPLATE",
     "MODEL_NAME",
+    "Front",
     "RuntimeLauncher",
     "RuntimeProcess",
     "Stack",
     "StackError",
     "fastchat_stack",
     "free_port",
+    "gateway",
     "runtime_env",
     "stop_process",
     "wait_for",
@@ -91,6 +93,21 @@ class Stack:
     model_path: Path
     logs: Path
     pids: Mapping[str, int]  # component ("controller", "model_worker", "api_server") -> pid
+    key_file: Path | None = None  # the API key file (mode 0600)
+
+
+@dataclass(frozen=True)
+class Front:
+    """A running gateway (``python -m deploy.runtime.gateway``); see :func:`gateway`."""
+
+    base_url: str  # "http://127.0.0.1:PORT/v1"
+    api_key: str
+    process: RuntimeProcess
+
+    @property
+    def root(self) -> str:
+        """The URL without ``/v1``."""
+        return self.base_url.removesuffix("/v1")
 
 
 def free_port() -> int:
@@ -289,6 +306,44 @@ def fastchat_stack(
             model_path=model_path,
             logs=logs,
             pids={proc.name: proc.pid for proc in everyone},
+            key_file=key_file,
         )
     finally:
         launcher.stop_all()
+
+
+@contextmanager
+def gateway(
+    launcher: RuntimeLauncher,
+    *,
+    controller_url: str,
+    key_file: Path,
+    api_key: str,
+    models: Sequence[str],
+    args: Sequence[str] = (),
+    name: str = "gateway",
+) -> Iterator[Front]:
+    """Start the gateway against ``controller_url``, wait until it lists ``models``, stop it after.
+
+    Raises:
+        StackError: It exited or did not list the models in time (with its log tail).
+    """
+    port = free_port()
+    proc = launcher.start(
+        "gateway",
+        *("--host", "127.0.0.1", "--port", str(port), "--controller-address", controller_url),
+        *("--api-keys-file", str(key_file), "--refresh-interval", "1", *args),
+        name=name,
+    )
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {api_key}"}
+
+    def lists_models() -> bool:
+        reply = httpx.get(f"{url}/v1/models", headers=headers, timeout=5)
+        return reply.is_success and set(models) <= {m["id"] for m in reply.json()["data"]}
+
+    try:
+        wait_for(lists_models, what=f"the gateway to list {', '.join(models)}", watch=[proc])
+        yield Front(base_url=f"{url}/v1", api_key=api_key, process=proc)
+    finally:
+        stop_process(proc)

@@ -20,7 +20,7 @@ from deploy.errors import SpecError
 from deploy.render import vllm
 from deploy.render.vllm.flags import engine_flags as checked_flags
 from deploy.render.vllm.flags import model_worker_flags, pairs
-from deploy.spec.model import ClusterSpec, EngineValue, HostSpec, ModelSpec
+from deploy.spec.model import ApiLimitsSpec, ClusterSpec, EngineValue, HostSpec, ModelSpec
 
 __all__ = [
     "Component",
@@ -243,11 +243,20 @@ def controller_url(spec: ClusterSpec) -> str:
     return f"http://{spec.host(spec.controller.host).address}:{spec.controller.port}"
 
 
+_LIMIT_FLAGS = (
+    ("max_body_bytes", "--max-body-bytes"),
+    ("max_n", "--max-n"),
+    ("max_prompts", "--max-prompts"),
+    ("per_key_concurrency", "--per-key-concurrency"),
+)
+
+
 def _api_server(spec: ClusterSpec, api_key_digest: str) -> Component:
     a = spec.api_server
     host = spec.host(a.host)
+    module = "deploy.runtime.gateway" if a.impl == "gateway" else "deploy.runtime.api_server"
     argv = [
-        *_python(host, "deploy.runtime.api_server"),
+        *_python(host, module),
         *("--host", a.bind, "--port", str(a.port)),
         *("--controller-address", controller_url(spec)),
     ]
@@ -259,6 +268,15 @@ def _api_server(spec: ClusterSpec, api_key_digest: str) -> Component:
         argv += ["--worker-timeout", str(a.worker_timeout)]
     if a.tls_cert and a.tls_key:
         argv += ["--ssl-certfile", host.path(a.tls_cert), "--ssl-keyfile", host.path(a.tls_key)]
+    if a.impl == "gateway":
+        # The routing table follows the controller at the workers' heartbeat interval.
+        argv += ["--refresh-interval", str(spec.controller.heartbeat_interval)]
+        # Only the limits the spec changes: the gateway's defaults are ApiLimitsSpec's (tested).
+        defaults = ApiLimitsSpec()
+        for key, flag in _LIMIT_FLAGS:
+            value = getattr(a.limits, key)
+            if value != getattr(defaults, key):
+                argv += [flag, str(value)]
     return Component(
         name="api_server",
         role="api_server",
@@ -391,6 +409,7 @@ def _vllm_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Compon
         gpus=r.gpus,
         distribution=r.host.vllm.distribution if r.host.vllm else None,
         device=model.device,
+        tool_call_parser=model.tool_call_parser,
     )
     engine_name = f"{r.name}-vllm"
     engine = Component(

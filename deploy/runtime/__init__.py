@@ -4,8 +4,11 @@ Each component is its own process, started as ``python -m deploy.runtime.<compon
 
 - ``controller``: FastChat's controller, plus ``POST /list_workers``, an allowlist for
   ``/register_worker``, checked heartbeats, reads for the cluster's hosts only, and no relay.
-- ``api_server``: FastChat's OpenAI-compatible server, with API keys read from a file or the
-  environment and enforced on every route but ``GET /health``, docs off, CORS off by default.
+- ``gateway``: the project's own OpenAI API server on :8000 (the default): a routing table fed
+  by the controller, vLLM pass-through, FastChat's protocol for the ``hf`` kind, OpenAI errors.
+- ``api_server``: FastChat's OpenAI-compatible server (``api_server.impl: fastchat``), with API
+  keys read from a file or the environment and enforced on every route but ``GET /health``,
+  docs off, CORS off by default.
 - ``model_worker``: FastChat's transformers worker, with an explicit conversation template and
   an optional client allowlist on every route.
 - ``slurm_job``: a worker as a Slurm batch job's main process: the node's address, a picked

@@ -26,12 +26,14 @@ from deploy.errors import SpecError, SpecErrors
 from deploy.runtime.statedir import system_location
 from deploy.runtime.text import first_control, shown
 from deploy.spec.model import (
+    API_SERVER_IMPLS,
     DEFAULT_API_PORT,
     DEFAULT_CONTROLLER_PORT,
     DEFAULT_WORKER_PORT,
     DEVICES,
     DISPATCH_METHODS,
     WORKER_KINDS,
+    ApiLimitsSpec,
     ApiServerSpec,
     ClusterSpec,
     ControllerSpec,
@@ -312,6 +314,10 @@ def _api_server(node: Node, hosts: dict[str, HostSpec], base_dir: Path) -> ApiSe
     if timeout is not None and timeout <= 0:
         raise node.error(f"must be > 0 (got {timeout})", "worker_timeout")
     tls_cert, tls_key = _tls(node.child("tls"), host, base_dir) if node.has("tls") else (None, None)
+    impl = _choice(node, "impl", API_SERVER_IMPLS, "gateway")
+    limits = _api_limits(node.child("limits")) if node.has("limits") else ApiLimitsSpec()
+    if impl == "fastchat" and node.has("limits"):
+        raise node.error("limits apply to impl: gateway only (FastChat's server has none)", "limits")
     spec = ApiServerSpec(
         host=host.name,
         port=_port(node, "port", DEFAULT_API_PORT),
@@ -323,9 +329,25 @@ def _api_server(node: Node, hosts: dict[str, HostSpec], base_dir: Path) -> ApiSe
         worker_timeout=timeout,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        impl=impl,
+        limits=limits,
     )
     node.done()
     return spec
+
+
+def _api_limits(node: Node) -> ApiLimitsSpec:
+    """``api_server.limits``: whole numbers of at least 1, each defaulting to ApiLimitsSpec's."""
+    node.mapping()
+    d = ApiLimitsSpec()
+    values = {}
+    for key in ("max_body_bytes", "max_n", "max_prompts", "per_key_concurrency"):
+        value = node.get(key, int, getattr(d, key))
+        if value < 1:
+            raise node.error(f"must be >= 1 (got {value})", key)
+        values[key] = value
+    node.done()
+    return ApiLimitsSpec(**values)
 
 
 def _tls(node: Node, host: HostSpec, base_dir: Path) -> tuple[str, str]:
@@ -404,9 +426,24 @@ def _model(
         env=_env(node.child("env")),
         source=source,
         slurm_replicas=slurm_replicas,
+        tool_call_parser=_tool_call_parser(node, kind),
     )
     node.done()
     return spec
+
+
+def _tool_call_parser(node: Node, kind: str) -> str | None:
+    """``models[].tool_call_parser``: vLLM's parser name (vllm kind only)."""
+    value = node.get("tool_call_parser", str, None)
+    if value is None:
+        return None
+    if kind != "vllm":
+        raise node.error(f"tool calling needs kind: vllm (this model is kind {kind!r})", "tool_call_parser")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise node.error(
+            f"must be a vLLM tool-call parser name such as hermes (got {value!r})", "tool_call_parser"
+        )
+    return value
 
 
 def _checked_engine_args(

@@ -7,15 +7,17 @@ format is documented in ``docs/cluster-spec.md``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 __all__ = [
+    "API_SERVER_IMPLS",
     "DEFAULT_API_PORT",
     "DEFAULT_CONTROLLER_PORT",
     "DEFAULT_WORKER_PORT",
     "WORKER_KINDS",
+    "ApiLimitsSpec",
     "ApiServerSpec",
     "ClusterSpec",
     "ControllerSpec",
@@ -37,6 +39,7 @@ DEFAULT_CONTROLLER_PORT = 21001
 DEFAULT_API_PORT = 8000
 DEFAULT_WORKER_PORT = 31020
 WORKER_KINDS = ("hf", "vllm", "fastchat-vllm")
+API_SERVER_IMPLS = ("gateway", "fastchat")
 DEVICES = ("cpu", "cuda", "mps", "xpu", "npu")
 DISPATCH_METHODS = ("shortest_queue", "lottery")
 EngineValue = str | int | float | bool | tuple[str | int | float, ...]
@@ -165,6 +168,16 @@ class ControllerSpec:
 
 
 @dataclass(frozen=True)
+class ApiLimitsSpec:
+    """Bounded work per request on the gateway (``api_server.limits``)."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_n: int = 16
+    max_prompts: int = 64
+    per_key_concurrency: int = 64
+
+
+@dataclass(frozen=True)
 class ApiServerSpec:
     """The OpenAI-compatible API server (one per cluster).
 
@@ -183,6 +196,9 @@ class ApiServerSpec:
     # paths on the API server's host.
     tls_cert: str | None = None
     tls_key: str | None = None
+    # "gateway": the project's own server (deploy.runtime.gateway); "fastchat": FastChat's, hardened.
+    impl: str = "gateway"
+    limits: ApiLimitsSpec = field(default_factory=ApiLimitsSpec)
 
     @property
     def scheme(self) -> str:
@@ -222,6 +238,8 @@ class ModelSpec:
     source: str | None = None
     # Replicas on Slurm login hosts (connect: slurm): batch jobs, not supervised processes.
     slurm_replicas: tuple[SlurmReplicaSpec, ...] = ()
+    # vllm kind: vLLM's tool-call parser (e.g. "hermes"); turns on auto tool choice.
+    tool_call_parser: str | None = None
 
 
 @dataclass(frozen=True)

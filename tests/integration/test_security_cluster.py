@@ -451,7 +451,7 @@ def test_no_key_appears_outside_the_key_store_and_env(cluster: Cluster) -> None:
     keys = sorted(cluster.keys_seen)
     assert len(keys) == 3  # the first default key, the rotated one, alice's
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-    assert "deploy.runtime.api_server" in ps
+    assert "deploy.runtime.gateway" in ps  # the API server (api_server.impl: gateway, the default)
     assert not [k for k in keys if k in ps]
     allowed = {cluster.state / "api_keys", cluster.out / ".env", cluster.key_file}
     holders = []

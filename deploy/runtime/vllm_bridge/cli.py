@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     upstream = Upstream(args.upstream, api_key=os.environ.get(API_KEY_ENV) or None)
     worker = BridgeWorker(settings, upstream, on_refused=lambda message: fail(COMPONENT, message))
-    app = create_app(worker, allowlist=allowlist)
+    app = create_app(worker, allowlist=allowlist, api_key=os.environ.get(API_KEY_ENV) or None)
     logger.info(
         "vllm_bridge: %s -> vLLM at %s (key %s), template %s, heartbeat every %d s, routes open to %s",
         ",".join(args.model_names),

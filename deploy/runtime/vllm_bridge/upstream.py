@@ -79,7 +79,9 @@ class Upstream:
             headers=headers,
             transport=transport,
             timeout=self._probe,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            # keepalive_expiry below uvicorn's 5 s (vLLM's server): a reused connection is rarely
+            # one vLLM has just closed.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0),
         )
         self.health_route = HEALTH
         self.tokenize_route = TOKENIZE
@@ -172,6 +174,26 @@ class Upstream:
                         yield event
         except httpx.TransportError as exc:
             raise _unavailable(exc, COMPLETIONS) from exc
+
+    async def open(self, route: str, content: bytes) -> httpx.Response:
+        """A streamed ``POST route`` with ``content`` as the body (the OpenAI pass-through).
+
+        The caller reads and closes the response; closing it early makes vLLM abort the request.
+
+        Raises:
+            UpstreamUnavailable: vLLM cannot be reached.
+        """
+        request = self._client.build_request(
+            "POST",
+            route,
+            content=content,
+            headers={"content-type": "application/json"},
+            timeout=self._generation,
+        )
+        try:
+            return await self._client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise _unavailable(exc, route) from exc
 
     async def _send(
         self, method: str, route: str, body: Any = None, *, timeout: httpx.Timeout | None = None

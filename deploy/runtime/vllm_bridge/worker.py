@@ -154,7 +154,8 @@ class BridgeWorker:
     def status(self) -> dict[str, Any]:
         """The ``/worker_get_status`` answer: no model names while not ready."""
         names = list(self.settings.model_names) if self.ready else []
-        return {"model_names": names, "speed": 1, "queue_length": self.in_flight}
+        # "kind" tells the gateway it may pass OpenAI requests through (FastChat ignores it).
+        return {"model_names": names, "speed": 1, "queue_length": self.in_flight, "kind": "vllm"}
 
     # ----- the check and heartbeat loop -----
 
@@ -223,6 +224,18 @@ class BridgeWorker:
             await self.controller.withdraw(reason)
 
     # ----- requests -----
+
+    def slot(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """One request in the bridge (counted in ``queue_length``, waits for a concurrency slot)."""
+        return self._slot()
+
+    def not_ready(self) -> BridgeError | None:
+        """Why requests cannot be served now, or None when ready."""
+        return self._not_ready()
+
+    def upstream_failed(self) -> None:
+        """A request found vLLM unreachable: check it now rather than at the next interval."""
+        self._wake.set()
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:

@@ -155,3 +155,28 @@ def test_tilde_paths_resolve_against_the_hosts_home() -> None:
     worker = build_components(spec)[2]
     assert worker.argv[worker.argv.index("--model-path") + 1] == "/home/llm/models/tiny"
     assert worker.files[0].path == "/home/llm/.local/state/llm-deploy/t/worker-tiny-0-allowed-clients.json"
+
+
+def test_tool_call_parser_turns_on_vllms_auto_tool_choice() -> None:
+    engine = build_components(gpu_spec("vllm", tool_call_parser="hermes"))[2]
+    argv = list(engine.argv)
+    assert "--enable-auto-tool-choice" in argv
+    assert argv[argv.index("--tool-call-parser") + 1] == "hermes"
+    assert "--enable-auto-tool-choice" not in build_components(gpu_spec("vllm"))[2].argv
+
+
+def test_api_server_is_the_gateway_by_default_and_fastchats_on_request() -> None:
+    data = spec_data()
+    data["api_server"] = {**data.get("api_server", {}), "limits": {"max_n": 4}}
+    gateway = build_components(parse_cluster_spec(data, base_dir=Path("/"), source="s.yaml"))[1]
+    assert gateway.argv[1:3] == ("-m", "deploy.runtime.gateway")
+    argv = list(gateway.argv)
+    assert argv[argv.index("--max-n") + 1] == "4" and "--max-prompts" not in argv  # only what differs
+    assert "--api-keys-file" in argv and not any("sk-" in a for a in argv)
+    data["api_server"] = {**data["api_server"], "impl": "fastchat"}
+    data["api_server"].pop("limits")
+    fastchat = build_components(parse_cluster_spec(data, base_dir=Path("/"), source="s.yaml"))[1]
+    assert (
+        fastchat.argv[1:3] == ("-m", "deploy.runtime.api_server")
+        and "--refresh-interval" not in fastchat.argv
+    )

@@ -246,3 +246,28 @@ def test_a_yaml_round_trip_of_the_minimal_spec_loads(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(minimal()))
     assert load_cluster_spec(path).name == "c1"
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        ({"api_server": {"host": "local", "impl": "nginx"}}, "api_server.impl"),
+        ({"api_server": {"host": "local", "limits": {"max_n": 0}}}, "api_server.limits.max_n"),
+        ({"api_server": {"host": "local", "limits": {"max_m": 1}}}, "api_server.limits"),
+        ({"api_server": {"host": "local", "impl": "fastchat", "limits": {"max_n": 2}}}, "api_server.limits"),
+    ],
+)
+def test_api_server_impl_and_limits_are_checked(change: dict[str, Any], path: str) -> None:
+    data = {**minimal(), **change}
+    assert path in str(error_of(data))
+
+
+def test_tool_call_parser_needs_the_vllm_kind() -> None:
+    data = minimal()
+    data["models"][0]["tool_call_parser"] = "hermes"
+    assert "models[0].tool_call_parser" in str(error_of(data))
+    data["models"][0].update({"kind": "vllm", "device": "cuda", "tool_call_parser": "hermes; rm"})
+    assert "models[0].tool_call_parser" in str(error_of(data))
+    data["models"][0]["tool_call_parser"] = "hermes"
+    assert parse(data).models[0].tool_call_parser == "hermes"
+    assert parse(minimal()).api_server.impl == "gateway"

@@ -82,6 +82,7 @@ def test_not_ready_until_vllm_answers_and_generates() -> None:
             "model_names": ["llama"],
             "speed": 1,
             "queue_length": 0,
+            "kind": "vllm",
         }
 
     run(fake, call)

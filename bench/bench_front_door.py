@@ -1,0 +1,256 @@
+"""Benchmark 9: the front door on :8000 (issue 16), against vLLM directly and against vllm-router.
+
+Needs a running vLLM serving the tiny model as ``tiny`` (``$AGENT_LLM_VLLM_URL``; skipped
+without one) and, for the vllm-router row, ``$VLLM_ROUTER_BIN`` (the ``vllm-router`` console
+script of ``pip install vllm-router``). Started here: a controller, the vLLM bridge in front of
+that vLLM, our gateway (``python -m deploy.runtime.gateway``, key on) and, if given, vllm-router
+(``--policy round_robin``: one worker; no key: it has no client key check of its own) with the bridge as
+its one worker; and, for the ``hf`` kind, the FastChat stack with both FastChat's API server and
+our gateway on its controller.
+
+Paths to the same generation (8 tokens, temperature 0, a fresh chat per request, one pooled
+``httpx.AsyncClient`` in this process):
+
+- ``direct``: vLLM's ``/v1/chat/completions``;
+- ``bridge``: the bridge's pass-through (the hop that keeps the engine on loopback);
+- ``gateway``: gateway -> bridge -> vLLM (what a client of the cluster uses);
+- ``router``: vllm-router -> bridge -> vLLM.
+
+At concurrency 1 the paths alternate request by request (p50 of each); at 16 and 64 they
+alternate batch by batch (requests per second). CPU per request is the proxies' own
+(``/proc``), over the concurrency-16 batches. Ratios: gateway vs direct, router vs direct.
+
+Run: ``AGENT_LLM_VLLM_URL=http://127.0.0.1:PORT .venv/bin/python -m bench front_door``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.aio import LoopRunner
+from bench.measure import median, ms, process_cpu_seconds, ratio_line, scaled, table
+from bench.workload import GENERATION, chat
+from deploy.security.secretfiles import write_secret_file
+from devtools.devstack import RuntimeLauncher, RuntimeProcess, free_port, gateway, stop_process, wait_for
+
+MODEL = "tiny"
+ROUNDS_C1 = 60
+BATCHES = 3
+
+
+def _post(client: httpx.AsyncClient, url: str, headers: dict[str, str], model: str) -> Callable[[int], Any]:
+    async def call(index: int) -> None:
+        body = {"model": model, "messages": chat(index), **GENERATION}
+        reply = await client.post(url, json=body, headers=headers)
+        reply.raise_for_status()
+
+    return call
+
+
+async def _c1(paths: dict[str, Callable[[int], Any]], rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    names = list(paths)
+    for index in range(rounds + 3):
+        for name in names if index % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            await paths[name](index)
+            if index >= 3:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+async def _batch(call: Callable[[int], Any], concurrency: int, total: int, offset: int) -> float:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await call(offset + i)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(total)))
+    return total / (time.perf_counter() - start)
+
+
+async def _throughput(
+    paths: dict[str, Callable[[int], Any]], concurrency: int, batches: int, pids: dict[str, Sequence[int]]
+) -> tuple[dict[str, float], dict[str, float]]:
+    total = scaled(4 * concurrency, minimum=concurrency)
+    rates: dict[str, list[float]] = {name: [] for name in paths}
+    cpu: dict[str, float] = dict.fromkeys(paths, 0.0)
+    names = list(paths)
+    for b in range(batches):
+        for name in names if b % 2 == 0 else reversed(names):
+            before = sum(process_cpu_seconds(p) for p in pids.get(name, ()))
+            rates[name].append(await _batch(paths[name], concurrency, total, 100_000 * (b + 1)))
+            cpu[name] += sum(process_cpu_seconds(p) for p in pids.get(name, ())) - before
+    per_request = {name: cpu[name] / (total * batches) for name in paths}
+    return {name: median(v) for name, v in rates.items()}, per_request
+
+
+def _start_router(binary: str, bridge: str, root: Path) -> tuple[RuntimeProcess, str]:
+    port = free_port()
+    log = root / "router.log"
+    with log.open("ab") as out:
+        popen = subprocess.Popen(
+            [binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", bridge,
+             "--policy", "round_robin", "--log-level", "warning"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    proc = RuntimeProcess("vllm-router", popen, log)
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": MODEL, "messages": chat(0), **GENERATION}
+    wait_for(lambda: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10).is_success,
+             what="vllm-router", watch=[proc], timeout=120)  # fmt: skip
+    return proc, url
+
+
+def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
+    launcher = RuntimeLauncher(root / "logs")
+    key = secrets.token_urlsafe(16)
+    write_secret_file(root / "api_keys", key + "\n")
+    cport, bport = free_port(), free_port()
+    controller_url, bridge_url = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{bport}"
+    router: RuntimeProcess | None = None
+    try:
+        launcher.start("controller", "--host", "127.0.0.1", "--port", str(cport))
+        wait_for(lambda: httpx.post(f"{controller_url}/list_models", timeout=5).is_success, what="controller")
+        bridge = launcher.start(
+            "vllm_bridge", "--upstream", engine, "--model-names", MODEL, "--conv-template", "vicuna_v1.1",
+            "--host", "127.0.0.1", "--port", str(bport), "--worker-address", bridge_url,
+            "--controller-address", controller_url,
+        )  # fmt: skip
+        wait_for(
+            lambda: httpx.get(f"{bridge_url}/health", timeout=5).is_success, what="bridge", watch=[bridge]
+        )
+        with gateway(launcher, controller_url=controller_url, key_file=root / "api_keys", api_key=key,
+                     models=[MODEL], args=("--per-key-concurrency", "1024")) as front:  # fmt: skip
+            if router_bin:
+                router, router_url = _start_router(router_bin, bridge_url, root)
+            runner = LoopRunner()
+            try:
+                client = httpx.AsyncClient(
+                    timeout=120, limits=httpx.Limits(max_connections=None, keepalive_expiry=2.0)
+                )
+                auth = {"Authorization": f"Bearer {key}"}
+                paths = {
+                    "direct": _post(client, f"{engine}/v1/chat/completions", {}, MODEL),
+                    "bridge": _post(client, f"{bridge_url}/v1/chat/completions", {}, MODEL),
+                    "gateway": _post(client, f"{front.root}/v1/chat/completions", auth, MODEL),
+                }
+                pids: dict[str, Sequence[int]] = {
+                    "bridge": [bridge.pid],
+                    "gateway": [front.process.pid, bridge.pid],
+                }
+                if router is not None:
+                    paths["router"] = _post(client, f"{router_url}/v1/chat/completions", {}, MODEL)
+                    pids["router"] = [router.pid, bridge.pid]
+                c1 = runner.run(_c1(paths, scaled(ROUNDS_C1)))
+                rows = []
+                rates = {}
+                for concurrency in (16, 64):
+                    rates[concurrency], cpu = runner.run(_throughput(paths, concurrency, BATCHES, pids))
+                    if concurrency == 16:
+                        cpu16 = cpu
+                base = median(c1["direct"])
+                for name in paths:
+                    rows.append([
+                        name, ms(median(c1[name])), f"{(median(c1[name]) - base) * 1000:+.1f}",
+                        f"{rates[16][name]:.1f}", f"{rates[64][name]:.1f}",
+                        f"{rates[64][name] / rates[64]['direct']:.3f}",
+                        f"{cpu16.get(name, 0) * 1000:.1f}" if name in pids else "-",
+                    ])  # fmt: skip
+                print("### vllm kind: the same chat by four paths\n")
+                print(table(["path", "p50 c=1", "added ms", "req/s c=16", "req/s c=64", "x direct c=64",
+                             "proxy CPU ms/req (c=16)"], rows))  # fmt: skip
+                print()
+                added = (median(c1["gateway"]) - median(c1["direct"])) * 1000
+                print(ratio_line("front_door_added_ms_c1", added, "<= 1 ms"))
+                print(ratio_line("front_door_c64", rates[64]["gateway"] / rates[64]["direct"], ">= 0.95x"))
+                if router is not None:
+                    print(
+                        ratio_line(
+                            "vllm_router_c64", rates[64]["router"] / rates[64]["direct"], "(for the decision)"
+                        )
+                    )
+                runner.run(client.aclose())
+            finally:
+                runner.close()
+    finally:
+        if router is not None:
+            stop_process(router)
+        launcher.stop_all()
+
+
+def hf_kind() -> None:
+    """Our gateway vs FastChat's API server, on the same controller and transformers worker."""
+    from bench.stack import fastchat_stack
+
+    with fastchat_stack(limit_worker_concurrency=16) as stack, tempfile.TemporaryDirectory() as tmp:
+        assert stack.key_file is not None
+        launcher = RuntimeLauncher(Path(tmp) / "logs")
+        unlimited = ("--per-key-concurrency", "1024")
+        with gateway(launcher, controller_url=stack.controller_url, key_file=stack.key_file,
+                     api_key=stack.api_key, models=[MODEL], args=unlimited) as front:  # fmt: skip
+            runner = LoopRunner()
+            try:
+                client = httpx.AsyncClient(
+                    timeout=120, limits=httpx.Limits(max_connections=None, keepalive_expiry=2.0)
+                )
+                auth = {"Authorization": f"Bearer {stack.api_key}"}
+                paths = {
+                    "fastchat": _post(client, f"{stack.base_url}/chat/completions", auth, MODEL),
+                    "gateway": _post(client, f"{front.base_url}/chat/completions", auth, MODEL),
+                }
+                fastchat_pids = [stack.pids["api_server"], stack.pids["controller"]]
+                pids: dict[str, Sequence[int]] = {"fastchat": fastchat_pids, "gateway": [front.process.pid]}
+                c1 = runner.run(_c1(paths, scaled(20)))
+                rates, cpu = runner.run(_throughput(paths, 16, BATCHES, pids))
+                base = median(c1["fastchat"])
+                rows = [
+                    [name, ms(median(c1[name])), f"{(median(c1[name]) - base) * 1000:+.1f}",
+                     f"{rates[name]:.2f}", f"{rates[name] / rates['fastchat']:.3f}",
+                     f"{cpu[name] * 1000:.1f}"]
+                    for name in paths
+                ]  # fmt: skip
+                print("### hf kind: the gateway vs FastChat's API server (same worker)\n")
+                print(table(["server", "p50 c=1", "vs FastChat ms", "req/s c=16", "x FastChat",
+                             "server CPU ms/req (c=16)"], rows))  # fmt: skip
+                print()
+                print(
+                    ratio_line(
+                        "front_door_hf_c16", rates["gateway"] / rates["fastchat"], ">= 1.0x FastChat's"
+                    )
+                )
+                runner.run(client.aclose())
+            finally:
+                runner.close()
+
+
+def main() -> None:
+    if os.environ.get("BENCH_FRONT_DOOR_HF", "1") != "0":
+        hf_kind()
+    engine = os.environ.get("AGENT_LLM_VLLM_URL")
+    if not engine:
+        print(
+            "front_door: vllm kind skipped "
+            "(set AGENT_LLM_VLLM_URL to a vLLM serving the tiny model as 'tiny')"
+        )
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-front-door-") as tmp:
+        vllm_kind(engine.rstrip("/"), os.environ.get("VLLM_ROUTER_BIN"), Path(tmp))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

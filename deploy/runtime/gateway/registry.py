@@ -1,0 +1,150 @@
+"""Keeps the routing table in step with FastChat's controller, off the request path.
+
+Every interval (the workers' heartbeat interval), and at once after a request found a replica
+unreachable, :meth:`Registry.refresh` asks the controller for ``POST /list_workers`` and
+describes each worker it has not seen yet with the worker's own ``/worker_get_status`` (the
+vLLM bridge adds ``"kind": "vllm"``; FastChat's workers say nothing and are the ``hf`` kind),
+``/model_details`` (context length) and, for the ``hf`` kind, ``/worker_get_conv_template``.
+A replica marked down stays down until its ``/worker_get_status`` answers again: the controller
+keeps listing a killed worker until its heartbeat expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import httpx
+
+from deploy.runtime.gateway.routing import Replica, RoutingTable
+
+__all__ = ["Registry"]
+
+logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 5.0
+MIN_ON_DEMAND = 1.0  # seconds between refreshes asked for by requests
+
+
+class Registry:
+    """The refresh loop of one :class:`RoutingTable`.
+
+    Args:
+        controller: The controller's URL.
+        table: The table to keep up to date.
+        client: The gateway's pooled HTTP client.
+        interval: Seconds between refreshes.
+    """
+
+    def __init__(
+        self, controller: str, table: RoutingTable, client: httpx.AsyncClient, interval: float
+    ) -> None:
+        self.controller = controller.rstrip("/")
+        self.table = table
+        self._client = client
+        self.interval = interval
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._last_problem = ""
+        self.refreshed = asyncio.Event()
+        self._on_demand = asyncio.Lock()
+        self._last_refresh = 0.0
+
+    def wake(self) -> None:
+        """Refresh now rather than at the next interval."""
+        self._wake.set()
+
+    async def refresh_soon(self) -> None:
+        """Refresh now, unless one ran in the last :data:`MIN_ON_DEMAND` seconds (or is running).
+
+        For a request whose model the table does not have (yet): a worker that registered a
+        moment ago is then found without waiting for the next interval, and a client sending
+        unknown names cannot make the controller answer more than once a second.
+        """
+        async with self._on_demand:
+            if time.monotonic() - self._last_refresh < MIN_ON_DEMAND:
+                return
+            await self.refresh()
+
+    async def run(self) -> None:
+        """Refresh every interval until :meth:`stop`; never raises."""
+        while not self._stopping:
+            try:
+                await self.refresh()
+            except Exception:
+                logger.exception("gateway: refreshing the routing table failed; trying again next interval")
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+
+    def stop(self) -> None:
+        """End :meth:`run` at its next wait."""
+        self._stopping = True
+        self._wake.set()
+
+    async def refresh(self) -> None:
+        """One refresh of the whole table from the controller."""
+        self._last_refresh = time.monotonic()
+        try:
+            response = await self._client.post(
+                f"{self.controller}/list_workers", json={}, timeout=PROBE_TIMEOUT
+            )
+            response.raise_for_status()
+            listed = response.json()["workers"]
+            if not isinstance(listed, dict):
+                raise TypeError("workers is not an object")
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            self._problem(f"cannot list the workers at {self.controller}: {type(exc).__name__}: {exc}")
+            return  # keep routing with what we have
+        self._last_problem = ""
+        todo = [
+            url
+            for url, info in listed.items()
+            if info.get("model_names") and (url not in self.table.replicas or not self.table.replicas[url].up)
+        ]
+        described = await asyncio.gather(*(self._describe(url) for url in todo))
+        before = set(self.table.served())
+        self.table.update(listed, [r for r in described if r is not None])
+        after = set(self.table.served())
+        if before != after:
+            logger.info("gateway: serving %s", ", ".join(sorted(after)) or "no model")
+        self.refreshed.set()
+
+    async def _describe(self, url: str) -> Replica | None:
+        try:
+            status = await self._post(url, "/worker_get_status")
+            old = self.table.replicas.get(url)
+            if old is not None:  # known and down: it answers again
+                old.up = True
+                logger.info("gateway: %s answers again; back in rotation", url)
+                return old
+            kind = "vllm" if status.get("kind") == "vllm" else "hf"
+            details = await self._post(url, "/model_details")
+            context = details.get("context_length")
+            conv = None
+            if kind == "hf":
+                conv = (await self._post(url, "/worker_get_conv_template")).get("conv")
+            if not isinstance(context, int) or (kind == "hf" and not isinstance(conv, dict)):
+                raise ValueError("no context length or conversation template")
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            logger.info("gateway: %s not in rotation: %s: %s", url, type(exc).__name__, exc)
+            return None
+        names = tuple(str(n) for n in status.get("model_names", ()))
+        logger.info("gateway: %s joins: %s (kind %s, context %d)", url, ", ".join(names), kind, context)
+        return Replica(url=url, models=names, kind=kind, context_length=context, conv=conv)
+
+    async def _post(self, url: str, route: str) -> dict[str, Any]:
+        response = await self._client.post(f"{url}{route}", json={}, timeout=PROBE_TIMEOUT)
+        response.raise_for_status()
+        data = response.json()
+        if not isinstance(data, dict):
+            raise TypeError(f"{route} answered no object")
+        return data
+
+    def _problem(self, message: str) -> None:
+        if message != self._last_problem:
+            logger.warning("gateway: %s", message)
+        self._last_problem = message

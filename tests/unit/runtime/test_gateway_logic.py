@@ -1,0 +1,196 @@
+"""The gateway's pure parts: replica choice, hf-kind translation, limits, spec defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from deploy.runtime.gateway import hf
+from deploy.runtime.gateway.errors import BadRequest, ModelNotFound, TooManyRequests, Unsupported
+from deploy.runtime.gateway.limits import KeyGate, Limits, check_request
+from deploy.runtime.gateway.routing import Replica, RoutingTable
+from deploy.runtime.vllm_bridge.cli import conv_template
+from deploy.spec.model import ApiLimitsSpec
+
+CONV = conv_template("qwen-7b-chat")  # as /worker_get_conv_template sends it
+
+
+def _table(*replicas: Replica) -> RoutingTable:
+    table = RoutingTable()
+    listed = {r.url: {"model_names": list(r.models), "queue_length": r.queue_length} for r in replicas}
+    table.update(listed, replicas)
+    return table
+
+
+def _replica(url: str, **kw: Any) -> Replica:
+    return Replica(url=url, models=("m",), kind=kw.pop("kind", "vllm"), context_length=2048, **kw)
+
+
+def test_least_outstanding_then_queue_then_rotation() -> None:
+    a, b, c = _replica("a"), _replica("b"), _replica("c", queue_length=3)
+    table = _table(a, b, c)
+    a.outstanding = 2
+    assert table.pick("m") is b
+    b.outstanding = 2
+    c.outstanding = 2
+    picks = {table.pick("m").url for _ in range(4)}  # type: ignore[union-attr]
+    assert picks == {"a", "b"}  # c's queue is longer; a and b take turns
+
+
+def test_affinity_is_sticky_and_moves_only_when_its_replica_goes() -> None:
+    replicas = [_replica(u) for u in "abcd"]
+    table = _table(*replicas)
+    chosen = table.pick("m", affinity="s:agent-1")
+    assert chosen is not None
+    assert all(table.pick("m", affinity="s:agent-1") is chosen for _ in range(5))
+    others = {k: table.pick("m", affinity=k) for k in (f"s:{i}" for i in range(40))}
+    table.mark_down(chosen.url)
+    moved = table.pick("m", affinity="s:agent-1")
+    assert moved is not None and moved is not chosen
+    # rendezvous hashing: sessions on other replicas stay where they were
+    assert all(table.pick("m", affinity=k) is r for k, r in others.items() if r is not chosen)
+
+
+def test_down_and_excluded_replicas_are_skipped_and_refresh_keeps_counts() -> None:
+    a, b = _replica("a"), _replica("b")
+    table = _table(a, b)
+    table.mark_down("a")
+    assert table.pick("m") is b and table.pick("m", exclude={"b"}) is None
+    assert table.served() == ["m"] and table.known("m") and table.kind("m") == "vllm"
+    b.outstanding = 3
+    table.update({"b": {"model_names": ["m"], "queue_length": 1}}, [])
+    assert list(table.replicas) == ["b"] and b.outstanding == 3 and b.queue_length == 1
+
+
+def test_withdrawn_replica_serves_nothing() -> None:
+    table = _table(_replica("a"))
+    table.update({"a": {"model_names": [], "queue_length": 0}}, [])
+    assert table.served() == [] and table.pick("m") is None
+
+
+def test_chat_prompt_developer_is_system_and_parts_are_joined() -> None:
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
+    ]
+    prompt, stop_ids, stops = hf.chat_prompt(messages, CONV)
+    assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert "Hi\nthere" in prompt and prompt.endswith("<|im_start|>assistant\n")
+    assert stop_ids == list(CONV["stop_token_ids"]) and stops == [CONV["stop_str"]]
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([{"role": "tool", "content": "x", "tool_call_id": "1"}], "messages[0].role"),
+        ([{"role": "assistant", "tool_calls": [{"id": "1"}]}], "messages[0].tool_calls"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            "messages[0].content[0]",
+        ),
+    ],
+)
+def test_chat_prompt_refuses_what_hf_cannot_render(messages: list[Any], param: str) -> None:
+    with pytest.raises(Unsupported) as caught:
+        hf.chat_prompt(messages, CONV)
+    assert caught.value.param == param and "'vllm'" in caught.value.message
+
+
+def test_chat_prompt_bad_role_is_a_400_not_a_500() -> None:
+    with pytest.raises(BadRequest) as caught:
+        hf.chat_prompt([{"role": "wizard", "content": "x"}], CONV)
+    assert caught.value.param == "messages[0].role" and caught.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"frobnicate": 1}, "frobnicate"),
+    ],
+)
+def test_check_fields_names_the_field(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        hf.check_fields({"model": "m", "messages": [], **fields}, hf.CHAT_FIELDS)
+    assert caught.value.param == param
+
+
+def test_check_fields_accepts_the_harmless() -> None:
+    hf.check_fields(
+        {"model": "m", "messages": [], "tool_choice": "none", "response_format": {"type": "text"}, "seed": 1,
+         "user": "u", "stream_options": {"include_usage": True}, "max_completion_tokens": 4},
+        hf.CHAT_FIELDS,
+    )  # fmt: skip
+
+
+def test_max_new_tokens_prefers_max_completion_tokens_and_bounds_by_context() -> None:
+    assert hf.max_new_tokens({"max_completion_tokens": 4, "max_tokens": 100}, 30, 2048) == 4
+    assert hf.max_new_tokens({}, 30, 2048) == 2018
+    with pytest.raises(BadRequest) as caught:
+        hf.max_new_tokens({"max_tokens": 2019}, 30, 2048)
+    assert caught.value.code == "context_length_exceeded"
+
+
+def test_worker_usage_cut_at_the_limit_is_corrected() -> None:
+    choice = hf.Choice(0)
+    choice.advance(
+        {"text": "abc", "finish_reason": "length", "usage": {"prompt_tokens": 5, "completion_tokens": 3}}
+    )
+    choice.fix_usage(4)
+    assert choice.usage["completion_tokens"] == 4 and choice.usage["total_tokens"] == 9
+    assert choice.advance({"text": "abcde"}) == "de"
+
+
+def test_limits_n_prompts_and_key_gate() -> None:
+    limits = Limits(max_n=2, max_prompts=2)
+    check_request({"n": 2, "prompt": ["a", "b"]}, limits)
+    for body, param in (({"n": 3}, "n"), ({"n": 0}, "n"), ({"prompt": ["a"] * 3}, "prompt"),
+                        ({"max_tokens": -1}, "max_tokens")):  # fmt: skip
+        with pytest.raises(BadRequest) as caught:
+            check_request(body, limits)
+        assert caught.value.param == param
+    gate = KeyGate(1)
+    with gate.hold("k"), pytest.raises(TooManyRequests), gate.hold("k"):
+        pass
+    with gate.hold("k"):
+        assert gate.open == {"k": 1}
+    assert gate.open == {}
+
+
+def test_errors_are_openai_shaped() -> None:
+    body = ModelNotFound("x", ["b", "a"]).body()
+    assert body == {
+        "error": {
+            "message": "The model 'x' does not exist; served models: a, b",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+
+
+def test_spec_limit_defaults_are_the_gateways() -> None:
+    """The renderer passes only limits that differ from ApiLimitsSpec's, so the two must agree."""
+    spec, runtime = ApiLimitsSpec(), Limits()
+    assert (spec.max_body_bytes, spec.max_n, spec.max_prompts, spec.per_key_concurrency) == (
+        runtime.max_body_bytes, runtime.max_n, runtime.max_prompts, runtime.per_key_concurrency,
+    )  # fmt: skip
+
+
+def test_metrics_render_prometheus_text() -> None:
+    from deploy.runtime.gateway.metrics import Metrics
+
+    metrics = Metrics()
+    usage = {"prompt_tokens": 5, "completion_tokens": 2}
+    metrics.record(
+        model="m", kind="vllm", key="key-1", status=200, seconds=0.03, first_byte=0.01, usage=usage
+    )
+    text = metrics.render()
+    assert 'llm_gateway_requests_total{model="m",kind="vllm",key="key-1",status="200"} 1' in text
+    assert 'llm_gateway_tokens_total{model="m",kind="vllm",key="key-1",type="prompt"} 5' in text
+    assert 'llm_gateway_request_seconds_bucket{model="m",kind="vllm",le="0.05"} 1' in text
+    assert 'llm_gateway_request_seconds_bucket{model="m",kind="vllm",le="0.025"} 0' in text
