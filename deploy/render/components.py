@@ -308,7 +308,12 @@ def _replica(spec: ClusterSpec, model: ModelSpec, index: int) -> _Replica:
     replica = model.replicas[index]
     host = spec.host(replica.host)
     name = worker_name(model, index)
-    clients = _addresses([spec.host(spec.controller.host).address, spec.host(spec.api_server.host).address])
+    # The controller's and API server's hosts, and the worker's own: connections from its own
+    # address come from its own host's processes, as loopback ones do (the Ansible start step
+    # probes the worker from there).
+    clients = _addresses(
+        [spec.host(spec.controller.host).address, spec.host(spec.api_server.host).address, host.address]
+    )
     path = host_paths(host).file(f"{name}-allowed-clients.json")
     allowed = HostFile(path, json.dumps({"hosts": clients}, indent=2) + "\n", 0o600)
     url = f"http://{host.address}:{replica.port}"
