@@ -25,6 +25,7 @@ __all__ = [
     "parse_answer",
     "reask_messages",
     "similarity",
+    "with_instruction",
     "with_options",
 ]
 
@@ -76,6 +77,15 @@ def with_options(messages: Sequence[Message], options: Sequence[str]) -> list[di
         "Answer with exactly one of these options, by its number or its exact text:\n"
         f"{numbered_options(options)}"
     )
+    return with_instruction(messages, block)
+
+
+def with_instruction(messages: Sequence[Message], block: str) -> list[dict[str, Any]]:
+    """``messages`` with ``block`` added to the last user message, or as a new one.
+
+    Several chat templates reject two user turns in a row, so the text joins the last user
+    message when the conversation ends with one.
+    """
     out: list[dict[str, Any]] = [dict(m) for m in messages]
     if out and out[-1].get("role") == "user":
         out[-1]["content"] = f"{out[-1].get('content', '')}\n\n{block}"

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agent_llm.choice import with_instruction
 from agent_llm.errors import ConfigurationError, StructuredOutputError
 
 __all__ = [
@@ -143,12 +144,7 @@ def schema_messages(messages: Sequence[Message], schema: OutputSchema) -> list[d
         "Answer with one JSON value and nothing else (no prose, no code fence), valid against this "
         f"JSON Schema:\n{json.dumps(schema.json_schema, sort_keys=True)}"
     )
-    out: list[dict[str, Any]] = [dict(m) for m in messages]
-    if out and out[-1].get("role") == "user":
-        out[-1]["content"] = f"{out[-1].get('content', '')}\n\n{block}"
-    else:
-        out.append({"role": "user", "content": block})
-    return out
+    return with_instruction(messages, block)
 
 
 def schema_reask_messages(asked: Sequence[Message], answer: str, problem: str) -> list[dict[str, Any]]:

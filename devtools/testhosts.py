@@ -321,6 +321,20 @@ def netns_pids(netns: str) -> list[int]:
     return [int(p) for p in _run(["ip", "netns", "pids", netns], check=False).stdout.split()]
 
 
+def host_processes(testbed: Testbed, host: str) -> list[str]:
+    """Command lines of every process in ``host``'s namespace except its sshd and sessions."""
+    lines = []
+    for pid in netns_pids(testbed.netns[host]):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and cmd and not cmd.startswith(("sshd", "/usr/sbin/sshd")):
+            lines.append(f"{pid} {cmd}")
+    return lines
+
+
 def _signal_all(netns: str, sig: signal.Signals) -> None:
     for pid in netns_pids(netns):
         with contextlib.suppress(ProcessLookupError):  # it exited meanwhile

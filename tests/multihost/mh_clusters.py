@@ -19,21 +19,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from deploy.cli import main
-from devtools.testhosts import Testbed, netns_pids
-
-
-def host_processes(testbed: Testbed, host: str) -> list[str]:
-    """Command lines of every process in ``host``'s namespace except its sshd and sessions."""
-    lines = []
-    for pid in netns_pids(testbed.netns[host]):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and cmd and not cmd.startswith(("sshd", "/usr/sbin/sshd")):
-            lines.append(f"{pid} {cmd}")
-    return lines
+from devtools.testhosts import Testbed, host_processes
 
 
 @dataclass(frozen=True)

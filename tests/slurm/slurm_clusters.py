@@ -14,21 +14,7 @@ from click.testing import CliRunner, Result
 import deploy
 from deploy.cli import main
 from devtools.slurm import PARTITION, SlurmCluster
-from devtools.testhosts import Testbed, netns_pids
-
-
-def host_processes(bed: Testbed, host: str) -> list[str]:
-    """``pid cmdline`` of every live process in ``host``'s namespace except sshd."""
-    lines = []
-    for pid in netns_pids(bed.netns[host]):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and cmd and not cmd.startswith(("sshd", "/usr/sbin/sshd")):
-            lines.append(f"{pid} {cmd}")
-    return lines
+from devtools.testhosts import Testbed, host_processes
 
 
 @dataclass(frozen=True)
