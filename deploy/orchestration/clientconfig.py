@@ -51,6 +51,9 @@ class ServedModel:
     name: str
     context_length: int
     conv_template: str | None = None
+    # The server applies the model's own chat template (a vllm replica behind the gateway): token
+    # counts come from its /tokenize, not from a FastChat conversation template.
+    tokenize_endpoint: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,8 @@ def render_model_yaml(model: ServedModel, *, cluster: str) -> str:
     ]
     if model.conv_template:
         lines.append(f"conv_template: {_scalar(model.conv_template)}")
+    if model.tokenize_endpoint:
+        lines.append("tokenize_endpoint: true")
     return "\n".join(lines) + "\n"
 
 

@@ -220,7 +220,12 @@ def served_models(
             context_length = int(json.loads(data.get("body", ""))["context_length"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ComponentFailed(host, name, f"/model_details gave no context_length: {data}") from exc
-        models.append(ServedModel(model.name, context_length, model.conv_template))
+        if model.kind == "vllm" and spec.api_server.impl == "gateway":
+            # The gateway passes requests through to vLLM, which renders the model's own chat
+            # template: FastChat's conversation template is not what the server uses.
+            models.append(ServedModel(model.name, context_length, None, tokenize_endpoint=True))
+        else:
+            models.append(ServedModel(model.name, context_length, model.conv_template))
     return tuple(models)
 
 
