@@ -113,10 +113,10 @@ class HostAgent:
             try:
                 if not stream.broken:
                     return self._answers(stream.exchange(request, timeout=timeout), len(ops))
-            except ConnectorError as exc:
-                if isinstance(exc, CommandTimeout):
-                    raise
-                # The agent died (or never started): a one-shot run below says why, or works.
+            except CommandTimeout:
+                raise
+            except ConnectorError:
+                pass  # the agent died (or never started): a one-shot run below says why, or works
             finally:
                 stream.lock.release()
         result = self.connector.run(

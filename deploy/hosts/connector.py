@@ -32,7 +32,7 @@ from pathlib import Path
 
 from deploy.errors import CommandTimeout, ConnectorError, TransferFailed
 
-__all__ = ["CommandResult", "Connector", "LineStream", "LocalConnector"]
+__all__ = ["CommandResult", "Connector", "LineStream", "LocalConnector", "StreamCache"]
 
 # What a shell answers for a command it cannot find; LocalConnector answers the same.
 EXIT_NOT_FOUND = 127
@@ -129,7 +129,7 @@ class LineStream(ABC):
         """Stop the command (it reads end-of-file and exits) and release the stream."""
 
 
-class _StreamCache:
+class StreamCache:
     """The open streams of one connector, by argv; broken ones are replaced on the next ask."""
 
     def __init__(self) -> None:
@@ -217,7 +217,7 @@ class LocalConnector(Connector):
 
     def __init__(self, host: str = "local") -> None:
         self.host = host
-        self._streams = _StreamCache()
+        self._streams = StreamCache()
 
     def stream(self, argv: Sequence[str]) -> LineStream | None:
         try:

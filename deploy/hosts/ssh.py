@@ -33,7 +33,7 @@ import paramiko
 from fabric import Config, Connection
 
 from deploy.errors import CommandTimeout, ConnectionFailed, ConnectorError, TransferFailed
-from deploy.hosts.connector import CommandResult, Connector, LineStream, _StreamCache
+from deploy.hosts.connector import CommandResult, Connector, LineStream, StreamCache
 
 if TYPE_CHECKING:
     from deploy.spec.model import HostSpec
@@ -115,7 +115,7 @@ class SSHConnector(Connector):
         for conn in self._chain():
             self._apply_host_key_policy(conn)
         self._lock = threading.Lock()
-        self._streams = _StreamCache()
+        self._streams = StreamCache()
 
     @classmethod
     def from_spec(

@@ -16,8 +16,6 @@ import os
 import shutil
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import pytest
 from cli_helpers import cli, pid_alive, write_local_spec
 
 from deploy.polling import poll_until
+from devtools.http import post_json as post
 
 HEARTBEAT_INTERVAL = 2
 HEARTBEAT_EXPIRATION = 6
@@ -68,19 +67,6 @@ class Cluster:
         body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
         headers = {"Authorization": f"Bearer {self.key()}"}
         return post(f"{self.url('api_server')}/v1/completions", body, timeout=timeout, headers=headers)
-
-
-def post(url: str, body: Any, *, timeout: float, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return answer.status, json.loads(answer.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-    except (urllib.error.URLError, OSError) as exc:
-        return 0, str(exc)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,6 @@ import os
 import signal
 import socket
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from click.testing import CliRunner, Result
 from deploy.cli import main
 from deploy.polling import poll_until
 from deploy.render.vllm.argv import INTERNAL_PORT_OFFSET
+from devtools.http import post_json as post
 
 # The venv build (first run: minutes) is part of the first test's setup; engine starts are slow.
 pytestmark = pytest.mark.timeout(1500)
@@ -85,19 +84,6 @@ class Cluster:
             return {top.pid, *(p.pid for p in top.children(recursive=True))}
         except psutil.NoSuchProcess:
             return set()
-
-
-def post(url: str, body: Any, *, timeout: float, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return answer.status, json.loads(answer.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-    except (urllib.error.URLError, OSError) as exc:
-        return 0, str(exc)
 
 
 def free_port(taken: set[int], *, with_internal: bool = False) -> int:

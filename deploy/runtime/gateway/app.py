@@ -33,8 +33,11 @@ from deploy.runtime.asgi import BodyTooLarge, read_body, send_bytes, send_json, 
 from deploy.runtime.gateway.errors import (
     ApiError,
     BadRequest,
+    MethodNotAllowed,
     ModelNotFound,
     NoReplica,
+    NotFound,
+    Unauthorized,
     Unsupported,
 )
 from deploy.runtime.gateway.forward import Forwarder
@@ -150,14 +153,14 @@ class Gateway:
                 token = rest.strip() if scheme.lower() == b"bearer" and rest.strip() else b""
                 break
         if not token:
-            raise _Unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'")
+            raise Unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'")
         found = None
         for name, key in self._keys:  # every key compared, in constant time
             if hmac.compare_digest(token, key):
                 found = name
         if found is None:
             logger.warning("gateway: refused %s from %s: invalid API key", scope.get("path"), _client(scope))
-            raise _Unauthorized("Invalid API key")
+            raise Unauthorized("Invalid API key")
         return found
 
     async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -175,9 +178,9 @@ class Gateway:
             await self._models(send, path)
             return
         if path not in OPENAI_ROUTES and path not in VLLM_ONLY and path != TOKEN_CHECK:
-            raise _NotFound(f"no route {method} {path[:100]}")
+            raise NotFound(f"no route {method} {path[:100]}")
         if method != "POST":
-            raise _MethodNotAllowed(f"{path} takes POST")
+            raise MethodNotAllowed(f"{path} takes POST")
         try:
             raw = await read_body(scope, receive, self.limits.max_body_bytes)
         except BodyTooLarge as exc:
@@ -302,24 +305,6 @@ class Gateway:
         await send_json(send, 200, {"prompts": out})
 
 
-class _Unauthorized(ApiError):
-    status = 401
-    type = "invalid_request_error"
-    code = "invalid_api_key"
-
-
-class _NotFound(ApiError):
-    status = 404
-    type = "invalid_request_error"
-    code = "not_found"
-
-
-class _MethodNotAllowed(ApiError):
-    status = 405
-    type = "invalid_request_error"
-    code = "method_not_allowed"
-
-
 def _affinity(scope: dict[str, Any], body: dict[str, Any]) -> str | None:
     for name, value in scope.get("headers", ()):
         if name == b"x-session-id" and value:
@@ -353,7 +338,7 @@ def _client(scope: dict[str, Any]) -> str:
 
 async def _error(send: Any, exc: ApiError) -> None:
     headers: list[tuple[bytes, bytes]] = []
-    if isinstance(exc, _Unauthorized):
+    if isinstance(exc, Unauthorized):
         headers.append((b"www-authenticate", b"Bearer"))
     if exc.status == 413:
         headers.append((b"connection", b"close"))

@@ -22,10 +22,13 @@ from typing import Any
 __all__ = [
     "ApiError",
     "BadRequest",
+    "MethodNotAllowed",
     "ModelNotFound",
     "NoReplica",
+    "NotFound",
     "TooLarge",
     "TooManyRequests",
+    "Unauthorized",
     "Unsupported",
     "error_body",
     "error_event",
@@ -75,6 +78,24 @@ class ModelNotFound(ApiError):
     def __init__(self, model: object, served: Iterable[str]) -> None:
         names = ", ".join(sorted(served)) or "none"
         super().__init__(f"The model {model!r} does not exist; served models: {names}", param="model")
+
+
+class Unauthorized(ApiError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ApiError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
 
 
 class TooLarge(ApiError):
