@@ -239,7 +239,7 @@ class Gateway:
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' is required (a model name from /v1/models)", param="model")
         if not self.table.models().get(model):
-            await self.registry.refresh_soon()  # registered a moment ago? (rate-limited)
+            await self.registry.refresh_soon()  # registered a moment ago? (waits ≤ 1 s)
         kind = self.table.kind(model)
         if kind is None:
             if not self.registry.refreshed.is_set():

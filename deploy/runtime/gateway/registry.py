@@ -50,24 +50,30 @@ class Registry:
         self._stopping = False
         self._last_problem = ""
         self.refreshed = asyncio.Event()
-        self._on_demand = asyncio.Lock()
-        self._last_refresh = 0.0
+        self._lock = asyncio.Lock()  # one refresh at a time
+        self._last_refresh = -MIN_ON_DEMAND
 
     def wake(self) -> None:
         """Refresh now rather than at the next interval."""
         self._wake.set()
 
     async def refresh_soon(self) -> None:
-        """Refresh now, unless one ran in the last :data:`MIN_ON_DEMAND` seconds (or is running).
+        """Return once a refresh that began after this call has finished.
 
-        For a request whose model the table does not have (yet): a worker that registered a
-        moment ago is then found without waiting for the next interval, and a client sending
-        unknown names cannot make the controller answer more than once a second.
+        For a request whose model has no replica in the table: a worker that registered a
+        moment ago is found without waiting for the next interval. Refreshes asked for this way
+        begin at most once per :data:`MIN_ON_DEMAND` seconds, so a request may wait up to that
+        long, and a client sending unknown names cannot make the controller answer more often;
+        requests that ask together share one refresh.
         """
-        async with self._on_demand:
-            if time.monotonic() - self._last_refresh < MIN_ON_DEMAND:
-                return
-            await self.refresh()
+        asked = time.monotonic()
+        async with self._lock:
+            if self._last_refresh >= asked:
+                return  # one began after we asked, and has finished (we hold the lock)
+            wait = self._last_refresh + MIN_ON_DEMAND - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self._refresh()
 
     async def run(self) -> None:
         """Refresh every interval until :meth:`stop`; never raises."""
@@ -87,6 +93,10 @@ class Registry:
 
     async def refresh(self) -> None:
         """One refresh of the whole table from the controller."""
+        async with self._lock:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         self._last_refresh = time.monotonic()
         try:
             response = await self._client.post(

@@ -194,3 +194,52 @@ def test_metrics_render_prometheus_text() -> None:
     assert 'llm_gateway_tokens_total{model="m",kind="vllm",key="key-1",type="prompt"} 5' in text
     assert 'llm_gateway_request_seconds_bucket{model="m",kind="vllm",le="0.05"} 1' in text
     assert 'llm_gateway_request_seconds_bucket{model="m",kind="vllm",le="0.025"} 0' in text
+
+
+def test_refresh_soon_waits_for_a_refresh_that_sees_a_just_registered_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CI failure of stop 20: a refresh ran just before the workers re-registered, and a
+    request's on-demand refresh was skipped as "too soon", so it got 503 with workers up.
+
+    The controller and worker answers are an in-process ``httpx.MockTransport`` (the registry's
+    own logic is under test; the integration tier runs it against the real controller)."""
+    import asyncio
+
+    import httpx
+
+    from deploy.runtime.gateway import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "MIN_ON_DEMAND", 0.3)
+    workers: dict[str, Any] = {}
+    lists = 0
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        nonlocal lists
+        route = request.url.path
+        if route == "/list_workers":
+            lists += 1
+            return httpx.Response(200, json={"workers": workers})
+        if route == "/worker_get_status":
+            return httpx.Response(200, json={"model_names": ["tiny"], "kind": "vllm"})
+        if route == "/model_details":
+            return httpx.Response(200, json={"context_length": 2048})
+        return httpx.Response(404)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            table = RoutingTable()
+            reg = registry_module.Registry("http://controller", table, client, interval=60)
+            await reg.refresh()  # the loop's refresh: nothing registered yet
+            assert table.served() == [] and lists == 1
+            workers["http://w1"] = {"model_names": ["tiny"], "queue_length": 0}
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            await asyncio.gather(*(reg.refresh_soon() for _ in range(5)))
+            assert table.served() == ["tiny"]  # the request sees the worker
+            assert lists == 2  # five askers, one refresh
+            assert loop.time() - began >= 0.25  # it waited out the rate limit rather than skip
+            await reg.refresh_soon()  # asked after that refresh: a new one, a limit later
+            assert lists == 3
+
+    asyncio.run(scenario())
