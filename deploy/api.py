@@ -16,6 +16,8 @@ from pathlib import Path
 from deploy.errors import DeployError
 from deploy.health.doctor import DoctorReport, open_connectors, run_doctor
 from deploy.health.status import ClusterStatus, cluster_status
+from deploy.health.traffic import KeyUsage, key_usage
+from deploy.hosts.agent import HttpAnswer, http_op
 from deploy.hosts.connector import Connector
 from deploy.hosts.group import Hosts, UnreachableConnector, connect, observe, on_hosts
 from deploy.hosts.observed import ObservedState
@@ -28,10 +30,10 @@ from deploy.orchestration.up import UpResult, run_up
 from deploy.render.components import build_components, host_paths
 from deploy.report import RecordingReporter, Reporter
 from deploy.security.hostkeys import read_key_store
-from deploy.security.keystore import mask, mask_known
+from deploy.security.keystore import KeyStore, mask, mask_known
 from deploy.spec.model import ClusterSpec
 
-__all__ = ["doctor", "down", "follow_logs", "logs", "plan", "slurm_jobs", "status", "up", "watch"]
+__all__ = ["doctor", "down", "follow_logs", "logs", "plan", "slurm_jobs", "status", "up", "usage", "watch"]
 
 Connectors = Mapping[str, Connector] | None
 
@@ -160,6 +162,33 @@ def status(spec: ClusterSpec, *, connectors: Connectors = None) -> ClusterStatus
     """Every component's state, with a reason for anything unhealthy."""
     with connect(spec, connectors=connectors, allow_down=True) as hosts:
         return cluster_status(hosts)
+
+
+def usage(spec: ClusterSpec, *, connectors: Connectors = None) -> list[KeyUsage]:
+    """Requests and tokens per key name since the API server started (its ``/metrics``).
+
+    Raises:
+        DeployError: FastChat's API server (``impl: fastchat``) counts nothing; the API server
+            does not answer.
+    """
+    api_spec = spec.api_server
+    if api_spec.impl != "gateway":
+        raise DeployError(
+            f"api_server.impl: {api_spec.impl!r} counts no usage per key; the default API server "
+            "(impl: gateway) does"
+        )
+    with connect(_only(spec, api_spec.host), connectors=connectors) as hosts:
+        keys = read_key_store(hosts) if api_spec.key_enabled else KeyStore()
+        api = next(c for c in build_components(spec, api_key_digest=keys.digest) if c.role == "api_server")
+        headers = {"Authorization": f"Bearer {keys.default}"} if keys.default else {}
+        probe = http_op("GET", f"{api.url}/metrics", headers=headers, cafile=api.ca_file)
+        answer = HttpAnswer.parse(hosts.agents[api_spec.host].call([probe])[0])
+    if not answer.ok:
+        raise DeployError(
+            f"the API server at {api.url} did not answer /metrics ({answer.describe()}); "
+            "`llm-deploy status` shows why"
+        )
+    return key_usage(answer.body)
 
 
 def slurm_jobs(spec: ClusterSpec, *, connectors: Connectors = None) -> list[JobView]:

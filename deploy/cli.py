@@ -8,6 +8,7 @@ everything on this machine, the tiny model on CPU) is used.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -185,6 +186,28 @@ def status_command(spec: Path | None, as_json: bool) -> None:
         state = "is not running" if not result.running else f"has {bad} unhealthy component(s)"
         hint = " (`llm-deploy up` submits the missing Slurm jobs)" if dead_jobs else ""
         raise click.ClickException(f"cluster {cluster.name} {state}{hint}")
+
+
+@main.command("usage")
+@SPEC
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def usage_command(spec: Path | None, as_json: bool) -> None:
+    """Show requests and tokens per API key name since the API server started.
+
+    Counted by the API server (``impl: gateway``); a restart of the API server starts again at 0.
+    Key names, never keys.
+    """
+    from deploy import api
+    from deploy.console import render_usage
+
+    with _user_errors():
+        rows = api.usage(_load(spec))
+    if as_json:
+        click.echo(json.dumps({"keys": [dataclasses.asdict(u) for u in rows]}, indent=2))
+    elif rows:
+        render_usage(rows, _console())
+    else:
+        click.echo("no requests since the API server started")
 
 
 def _job_json(j: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from deploy.health.status import ClusterStatus, ComponentStatus
+from deploy.health.traffic import KeyUsage
 from deploy.orchestration.plan import Plan, RestartComponent, StartComponent
 from deploy.report import Phase, Progress, timed
 from deploy.spec.model import ClusterSpec
@@ -131,6 +132,34 @@ def render_status(status: ClusterStatus, console: Console) -> None:
             _queue(r),
             r.reason or "",
         )
+    console.print(table)
+    for r in status.rows:
+        if r.traffic:
+            render_traffic(r.traffic, console)
+
+
+def render_traffic(traffic: Mapping[str, Mapping[str, float]], console: Console) -> None:
+    """The API server's recent traffic: requests and tokens per second per model."""
+    table = Table(title="traffic through the API server, last minute", title_justify="left")
+    for column in ("model", "req/s", "prompt tok/s", "completion tok/s"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "model" else "right")
+    for model, t in traffic.items():
+        table.add_row(
+            model,
+            f"{t.get('requests_per_s', 0.0):.2f}",
+            f"{t.get('prompt_tokens_per_s', 0.0):.1f}",
+            f"{t.get('completion_tokens_per_s', 0.0):.1f}",
+        )
+    console.print(table)
+
+
+def render_usage(usage: Sequence[KeyUsage], console: Console) -> None:
+    """Requests and tokens per key name since the API server started."""
+    table = Table(title="usage per key since the API server started", title_justify="left")
+    for column in ("key", "requests", "errors", "prompt tokens", "completion tokens"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "key" else "right")
+    for u in usage:
+        table.add_row(u.key, str(u.requests), str(u.errors), str(u.prompt_tokens), str(u.completion_tokens))
     console.print(table)
 
 

@@ -2,8 +2,8 @@
 
 One round of observation, no waiting (:func:`observe_status`: supervisord's view per host, then
 from the head host the controller's ``/list_workers`` (registration, queue length), the API
-server's ``/v1/models`` and each component's port), then a pure judgement
-(:func:`judge_status`): anything unhealthy gets a reason.
+server's ``/v1/models`` and ``/metrics`` (recent traffic per model) and each component's port),
+then a pure judgement (:func:`judge_status`): anything unhealthy gets a reason.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 from deploy.errors import PhaseFailed
 from deploy.health.ladder import port_probe
 from deploy.health.restarts import TAIL_LINES, heal_row
+from deploy.health.traffic import model_traffic
 from deploy.hosts.agent import HttpAnswer, http_op
 from deploy.hosts.group import Hosts, observe, on_hosts
 from deploy.hosts.observed import RUNNING_STATES, HostState, ObservedState, ProgramState
@@ -54,6 +55,8 @@ class ComponentStatus:
     engine_load: dict[str, float] | None = None  # vLLM's running/waiting requests, KV cache use
     since: float | None = None  # epoch seconds when it entered this state
     restarts: int = 0  # restarts after crashes since `up` last started it
+    # The API server's: model -> requests_per_s, prompt/completion_tokens_per_s (its last minute)
+    traffic: dict[str, dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class StatusObservation:
     components: tuple[Component, ...]
     observed: ObservedState
     unreachable: Mapping[str, str]  # host -> why it could not be observed
-    probes: Mapping[str, HttpAnswer]  # component name, "list_workers", "models" -> answer
+    probes: Mapping[str, HttpAnswer]  # component name, "list_workers", "models", "metrics" -> answer
     records: Mapping[tuple[str, str], RestartRecord]  # (host, program) -> the restarter's record
     tails: Mapping[tuple[str, str], str]  # (host, program) -> last log lines, where a reason needs them
     keys: tuple[str, ...] = ()  # the cluster's API keys: masked in every reason
@@ -113,6 +116,8 @@ def observe_status(hosts: Hosts) -> StatusObservation:
         ops["list_workers"] = http_op("POST", f"{controller.url}/list_workers", json_body={})
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         ops["models"] = http_op("GET", f"{api.url}/v1/models", headers=headers, cafile=api.ca_file)
+        if spec.api_server.impl == "gateway":
+            ops["metrics"] = http_op("GET", f"{api.url}/metrics", headers=headers, cafile=api.ca_file)
         answers = hosts.head.call(list(ops.values()))
         # Added to the engines' answers, not in their place (those were fetched on their own hosts).
         probes |= {name: HttpAnswer.parse(a) for name, a in zip(ops, answers, strict=True)}
@@ -151,6 +156,10 @@ def judge_status(seen: StatusObservation) -> ClusterStatus:
     workers, suspended = registry.get("workers", {}), registry.get("suspended", {})
     listed = probes["models"].json() if "models" in probes and probes["models"].ok else {}
     api_models = tuple(m.get("id", "") for m in (listed or {}).get("data", []) if isinstance(m, dict))
+    traffic = None
+    if "metrics" in probes and probes["metrics"].ok:
+        idle = {"requests_per_s": 0.0, "prompt_tokens_per_s": 0.0, "completion_tokens_per_s": 0.0}
+        traffic = {m: dict(idle) for m in api_models} | model_traffic(probes["metrics"].body)
     rows = []
     for c in components:
         if c.host in unreachable:
@@ -162,6 +171,8 @@ def judge_status(seen: StatusObservation) -> ClusterStatus:
         program = state.program(c.name) if state.supervisor_running else None
         tail = seen.tails.get((c.host, c.name), "")
         rows.append(_row(c, state, program, probes.get(c.name), workers.get(c.url), api_models, tail))
+        if c.role == "api_server" and traffic is not None:
+            rows[-1] = dataclasses.replace(rows[-1], traffic=traffic)
         rows[-1] = heal_row(
             rows[-1],
             spec,

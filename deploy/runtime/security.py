@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
 import stat
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -28,9 +29,11 @@ if TYPE_CHECKING:
 __all__ = [
     "API_KEYS_ENV",
     "GENERATION_ROUTES",
+    "KEY_NAME_LINE",
     "ApiKeyMiddleware",
     "ClientAllowlistMiddleware",
     "load_api_keys",
+    "load_named_api_keys",
     "secure_api_app",
 ]
 
@@ -65,8 +68,24 @@ def load_api_keys(path: Path | None, environ: Mapping[str, str] = os.environ) ->
     Raises:
         ConfigFileError: The file is unreadable, readable by other users, or holds no key.
     """
+    return tuple(key for _, key in load_named_api_keys(path, environ))
+
+
+# The line above each key in a key file llm-deploy writes (deploy.security.keystore).
+KEY_NAME_LINE = re.compile(r"^#\s*name:\s*(\S+)\s*$")
+
+
+def load_named_api_keys(
+    path: Path | None, environ: Mapping[str, str] = os.environ
+) -> tuple[tuple[str, str], ...]:
+    """(name, key) pairs, read as :func:`load_api_keys` reads keys.
+
+    A key's name is the ``# name: NAME`` line above it (``llm-deploy`` writes one for each key);
+    a key without one is named by its position, ``key-1``, ``key-2``...
+    """
     if path is None:
-        return tuple(key.strip() for key in environ.get(API_KEYS_ENV, "").split(",") if key.strip())
+        keys = [key.strip() for key in environ.get(API_KEYS_ENV, "").split(",") if key.strip()]
+        return tuple((f"key-{i + 1}", key) for i, key in enumerate(keys))
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
         text = path.read_text(encoding="utf-8")
@@ -76,10 +95,21 @@ def load_api_keys(path: Path | None, environ: Mapping[str, str] = os.environ) ->
         raise ConfigFileError(
             f"--api-keys-file {path}: mode {mode:04o} lets other users read it; run chmod 600 {path}"
         )
-    keys = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
-    if not keys:
+    named: list[tuple[str, str]] = []
+    pending: str | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("#"):
+            match = KEY_NAME_LINE.match(line)
+            pending = match.group(1) if match else pending
+        elif line:
+            used = {name for name, _ in named}
+            name = pending if pending and pending not in used else f"key-{len(named) + 1}"
+            named.append((name, line))
+            pending = None
+    if not named:
         raise ConfigFileError(f"--api-keys-file {path}: holds no key (one key per line)")
-    return keys
+    return tuple(named)
 
 
 def secure_api_app(

@@ -23,12 +23,12 @@ import secrets
 from dataclasses import dataclass
 
 from deploy.errors import DeployError
+from deploy.runtime.security import KEY_NAME_LINE
 
 __all__ = ["DEFAULT_KEY_NAME", "KeyStore", "generate_key", "key_digest", "mask", "mask_known"]
 
 DEFAULT_KEY_NAME = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_NAME_LINE = re.compile(r"^#\s*name:\s*(\S+)\s*$")
 # Every key this process has held: whatever the CLI prints about a failure is masked with them.
 _KNOWN: set[str] = set()
 
@@ -132,7 +132,7 @@ class KeyStore:
             if not line:
                 continue
             if line.startswith("#"):
-                match = _NAME_LINE.match(line)
+                match = KEY_NAME_LINE.match(line)
                 pending = match.group(1) if match else pending
                 continue
             used = {name for name, _ in entries}

@@ -46,6 +46,9 @@ class Cluster:
         result = self.cli("status", str(self.spec), "--json")
         return json.loads(result.output[: result.output.rindex("}") + 1])
 
+    def rows(self) -> dict[str, dict[str, Any]]:
+        return {row["component"]: row for row in self.status()["components"]}
+
     def pids(self) -> dict[str, int]:
         pids = {row["component"]: row["pid"] for row in self.status()["components"] if row["pid"]}
         pidfile = self.state / "supervisord.pid"
@@ -122,14 +125,38 @@ def test_the_generated_config_serves_chat_and_choice(
 def test_status_shows_every_component_healthy(cluster: Cluster) -> None:
     result = cluster.cli("status", str(cluster.spec))
     assert result.exit_code == 0, result.output
-    rows = {r["component"]: r for r in cluster.status()["components"]}
+    rows = cluster.rows()
     assert set(rows) == {"controller", "api_server", "worker-tiny-0"}
     # supervisord says STARTING for a program's first start_secs, however well it serves.
     assert all(r["healthy"] and r["state"] in ("RUNNING", "STARTING") and r["pid"] for r in rows.values()), (
         rows
     )
-    assert rows["worker-tiny-0"]["models"] == ["tiny"] and rows["worker-tiny-0"]["queue_length"] == 0
+    assert rows["worker-tiny-0"]["models"] == ["tiny"]
+    # The queue length is the worker's last heartbeat's (every 5 s): one sent while the test
+    # before scored its options (a request per option, at once) reported them queued.
+    poll_until(
+        lambda: True if cluster.rows()["worker-tiny-0"]["queue_length"] == 0 else None,
+        seconds=20,
+        what="the worker's queue length back to 0",
+    )
     assert rows["api_server"]["models"] == ["tiny"]
+    # The requests of the test before, seen by the API server in its last minute.
+    traffic = rows["api_server"]["traffic"]["tiny"]
+    assert traffic["requests_per_s"] > 0 and traffic["prompt_tokens_per_s"] > 0, traffic
+    assert "traffic through the API server" in result.output
+
+
+def test_usage_shows_tokens_per_key_name_never_the_key(cluster: Cluster) -> None:
+    result = cluster.cli("usage", str(cluster.spec), "--json")
+    assert result.exit_code == 0, result.output
+    keys = {u["key"]: u for u in json.loads(result.output)["keys"]}
+    assert set(keys) == {"default"}, keys  # the name in the key store, not the key
+    default = keys["default"]
+    assert default["requests"] >= 2 and default["prompt_tokens"] > 0 and default["completion_tokens"] > 0
+    table = cluster.cli("usage", str(cluster.spec))
+    assert table.exit_code == 0 and "default" in table.output, table.output
+    key = (cluster.out / ".env").read_text().strip().split("=", 1)[1]
+    assert key not in result.output + table.output
 
 
 def test_a_second_up_changes_nothing_and_says_so(cluster: Cluster) -> None:

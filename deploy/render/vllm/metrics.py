@@ -6,7 +6,7 @@ loopback only) and shows running and waiting requests and KV cache use per ``vll
 
 from __future__ import annotations
 
-import re
+from deploy.render.prometheus import samples
 
 __all__ = ["METRICS", "parse_metrics"]
 
@@ -16,7 +16,6 @@ METRICS: dict[str, tuple[str, ...]] = {
     "waiting": ("vllm:num_requests_waiting",),
     "kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
 }
-_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(?P<value>\S+)")
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -25,19 +24,12 @@ def parse_metrics(text: str) -> dict[str, float]:
     Samples of one metric with several label sets (one per served model name) are summed; a
     figure vLLM does not export is left out rather than guessed.
     """
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None or line.startswith("#"):
-            continue
-        try:
-            value = float(match["value"])
-        except ValueError:
-            continue
-        samples[match["name"]] = samples.get(match["name"], 0.0) + value
+    totals: dict[str, float] = {}
+    for sample in samples(text):
+        totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     figures: dict[str, float] = {}
     for ours, names in METRICS.items():
-        found = next((samples[n] for n in names if n in samples), None)
+        found = next((totals[n] for n in names if n in totals), None)
         if found is not None:
             figures[ours] = found
     return figures

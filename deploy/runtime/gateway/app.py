@@ -62,7 +62,7 @@ class Gateway:
 
     Args:
         controller: The FastChat controller's URL (the registry).
-        keys: Accepted API keys; empty for an open API.
+        keys: Accepted API keys as (name, key) pairs (the name labels metrics); empty for an open API.
         limits: Per-request limits.
         refresh_interval: Seconds between routing-table refreshes.
         worker_timeout: Seconds a worker may take for its next byte.
@@ -72,12 +72,12 @@ class Gateway:
         self,
         controller: str,
         *,
-        keys: Sequence[str],
+        keys: Sequence[tuple[str, str]],
         limits: Limits | None = None,
         refresh_interval: float = 5.0,
         worker_timeout: float = 600.0,
     ) -> None:
-        self._keys = [(f"key-{i + 1}", key.encode()) for i, key in enumerate(keys)]
+        self._keys = [(name, key.encode()) for name, key in keys]
         self.limits = limits = limits or Limits()
         self.table = RoutingTable()
         self.client = httpx.AsyncClient(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from deploy.runtime._entry import check_port_free, fail, positive_int, serve
 from deploy.runtime.errors import StartupError
-from deploy.runtime.security import API_KEYS_ENV, load_api_keys
+from deploy.runtime.security import API_KEYS_ENV, load_named_api_keys
 
 __all__ = ["build_parser", "main"]
 
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(raw)
     try:
         check_port_free(args.host, args.port)
-        keys = load_api_keys(args.api_keys_file)
+        keys = load_named_api_keys(args.api_keys_file)
         tls = tls_options(args.ssl_certfile, args.ssl_keyfile)
     except StartupError as exc:
         fail(COMPONENT, str(exc))

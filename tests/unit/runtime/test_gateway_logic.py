@@ -196,6 +196,46 @@ def test_metrics_render_prometheus_text() -> None:
     assert 'llm_gateway_request_seconds_bucket{model="m",kind="vllm",le="0.025"} 0' in text
 
 
+def test_status_and_usage_read_what_the_gateway_renders() -> None:
+    """The gateway's /metrics text, parsed by ``status`` (recent rates) and ``usage`` (per key)."""
+    from deploy.health.traffic import KeyUsage, key_usage, model_traffic
+    from deploy.runtime.gateway.metrics import Metrics
+
+    metrics = Metrics(started=0.0)  # up for long: the rates are over the whole window
+    for key, status, usage in [
+        ("alice", 200, {"prompt_tokens": 30, "completion_tokens": 6}),
+        ("alice", 200, {"prompt_tokens": 30, "completion_tokens": 6}),
+        ('bob "the agent"', 200, {"prompt_tokens": 5, "completion_tokens": 1}),
+        (r"c:\agents\n", 429, None),  # backslashes and quotes survive the label escaping
+    ]:
+        metrics.record(
+            model="m", kind="vllm", key=key, status=status, seconds=0.1, first_byte=0.05, usage=usage
+        )
+    text = metrics.render()
+    traffic = model_traffic(text)
+    assert traffic["m"]["requests_per_s"] == pytest.approx(4 / 60, rel=1e-5)
+    assert traffic["m"]["prompt_tokens_per_s"] == pytest.approx(65 / 60, rel=1e-5)
+    assert traffic["m"]["completion_tokens_per_s"] == pytest.approx(13 / 60, rel=1e-5)
+    assert key_usage(text) == [
+        KeyUsage("alice", requests=2, errors=0, prompt_tokens=60, completion_tokens=12),
+        KeyUsage('bob "the agent"', requests=1, errors=0, prompt_tokens=5, completion_tokens=1),
+        KeyUsage(r"c:\agents\n", requests=1, errors=1, prompt_tokens=0, completion_tokens=0),
+    ]
+
+
+def test_gateway_key_names_come_from_the_key_file(tmp_path: Any) -> None:
+    from deploy.runtime.security import load_named_api_keys
+    from deploy.security.keystore import KeyStore
+
+    store = KeyStore((("default", "k-one"), ("ci-agent", "k-two")))
+    path = tmp_path / "keys"
+    path.write_text(store.render("c") + "k-three\n")
+    path.chmod(0o600)
+    named = load_named_api_keys(path)
+    assert named == (("default", "k-one"), ("ci-agent", "k-two"), ("key-3", "k-three"))
+    assert KeyStore.parse(path.read_text()).entries[:2] == named[:2]
+
+
 def test_refresh_soon_waits_for_a_refresh_that_sees_a_just_registered_worker(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
