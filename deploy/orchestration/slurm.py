@@ -6,7 +6,7 @@ lifecycle, driven by ``up`` and ``down``:
 - ``prepare`` (before the controller starts): a 0600 registration secret per replica on the
   login node's shared state dir (kept across jobs), its digest in the controller's tokens file;
 - ``submit``: a replica whose recorded job is missing or ended gets a new job (``sbatch``); its
-  id is recorded in ``jobs.json``;
+  id is recorded in the replica's ``.job`` record;
 - ``wait_serving``: live progress through ``PENDING`` (with Slurm's reason) to ``RUNNING``, then
   until the job's worker is registered with the controller at the URL it recorded;
 - ``cancel`` (``down``): ``scancel`` of the recorded ids only, never by name, until they ended.
@@ -104,12 +104,34 @@ def _run(hosts: Hosts, host: str, argv: Sequence[str], timeout: float = 60.0) ->
     return hosts.connectors[host].run(list(argv), env=env or None, timeout=timeout)
 
 
-def _records_path(hosts: Hosts, host: str) -> str:
-    return f"{slurm_dir(hosts.spec.host(host))}/jobs.json"
+# Before 2026-12-04 one file held every replica's job id of a login host; it is still read for a
+# replica without its own .job record, so jobs submitted then are found (and cancelled) too.
+_LEGACY_RECORDS = "jobs.json"
 
 
 def _read_records(hosts: Hosts, host: str) -> dict[str, str]:
-    text = hosts.agents[host].read(_records_path(hosts, host))
+    """Replica name -> its recorded job id, for this login host's replicas that have one."""
+    agent = hosts.agents[host]
+    legacy: dict[str, str] | None = None
+    records: dict[str, str] = {}
+    for r in (r for r in _replicas(hosts.spec) if r.spec.host == host):
+        text = agent.read(r.files.job)
+        if text is None:
+            if legacy is None:
+                legacy = _legacy_records(agent.read(f"{slurm_dir(hosts.spec.host(host))}/{_LEGACY_RECORDS}"))
+            job = legacy.get(r.name)
+        else:
+            try:
+                record = json.loads(text)
+                job = record.get("job_id") if isinstance(record, dict) else None
+            except ValueError:
+                job = None
+        if job:
+            records[r.name] = str(job)
+    return records
+
+
+def _legacy_records(text: str | None) -> dict[str, str]:
     try:
         jobs = json.loads(text)["jobs"] if text else {}
     except (ValueError, KeyError, TypeError):
@@ -117,9 +139,10 @@ def _read_records(hosts: Hosts, host: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in jobs.items()} if isinstance(jobs, dict) else {}
 
 
-def _write_records(hosts: Hosts, host: str, records: Mapping[str, str]) -> None:
-    content = json.dumps({"cluster": hosts.spec.name, "jobs": dict(sorted(records.items()))}, indent=2)
-    hosts.connectors[host].put((content + "\n").encode(), _records_path(hosts, host), mode=0o600)
+def _record_job(hosts: Hosts, host: str, r: _Replica, job: str | None) -> None:
+    """Write replica ``r``'s ``.job`` record (``job=None``: it has no job)."""
+    record = {"cluster": hosts.spec.name, "replica": r.name, "job_id": job}
+    hosts.connectors[host].put((json.dumps(record) + "\n").encode(), r.files.job, mode=0o600)
 
 
 def prepare(hosts: Hosts) -> int:
@@ -206,7 +229,6 @@ def submit(hosts: Hosts) -> dict[str, str]:
     views = observe_jobs(hosts)
 
     def on_login(host: str) -> dict[str, str]:
-        records = _read_records(hosts, host)
         submitted: dict[str, str] = {}
         for view in (v for v in views if v.host == host and not v.live):
             r = replicas[view.name]
@@ -219,8 +241,8 @@ def submit(hosts: Hosts) -> dict[str, str]:
                     host, r.name, f"sbatch refused the job (exit {answer.exit_code})",
                     log_tail=answer.tail(5), hint="check the replica's slurm: partition, account, qos, gres",
                 )  # fmt: skip
-            submitted[r.name] = records[r.name] = job
-            _write_records(hosts, host, records)  # after each job: a failure later loses no id
+            submitted[r.name] = job
+            _record_job(hosts, host, r, job)  # after each job: a failure later loses no id
         return submitted
 
     result: dict[str, str] = {}
@@ -292,7 +314,8 @@ def cancel(hosts: Hosts, *, timeout: float = 60.0) -> list[str]:
         return []
 
     def on_login(host: str) -> list[str]:
-        ids = list(dict.fromkeys(_read_records(hosts, host).values()))
+        records = _read_records(hosts, host)
+        ids = list(dict.fromkeys(records.values()))
         if not ids:
             return []
         answer = _run(hosts, host, ["scancel", *ids])
@@ -308,7 +331,8 @@ def cancel(hosts: Hosts, *, timeout: float = 60.0) -> list[str]:
             poll_until(all_ended, seconds=timeout, what=f"jobs {', '.join(ids)} to end", max_interval=1.0)
         except DeadlineExceeded as exc:
             raise DeployError(f"{host}: {exc}", hint="check `squeue` on the login node") from None
-        _write_records(hosts, host, {})
+        for r in (r for r in _replicas(spec) if r.name in records):
+            _record_job(hosts, host, r, None)
         return ids
 
     return [i for ids in on_hosts("scancel", _logins(spec), on_login).values() for i in ids]

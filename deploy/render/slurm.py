@@ -2,8 +2,10 @@
 
 Every file of a Slurm replica lives in ``<login host state_dir>/slurm/`` (storage the compute
 nodes share): the batch script, its log, the 0600 registration secret, the worker's client
-allowlist, and the ``.url`` record the job writes once it knows its node and port. ``jobs.json``
-there records the job id of each replica: ``down`` cancels exactly those ids, never by name.
+allowlist, the ``.url`` record the job writes once it knows its node and port, and the ``.job``
+record of the replica's job id, written by ``up`` and by a job handing over to its replacement
+(one file per replica: replicas that reach their time limit together never write one file at
+once). ``down`` cancels exactly the recorded ids, never by name.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class SlurmFiles:
     secret: str
     url: str
     allowed_clients: str
+    job: str  # {"cluster", "replica", "job_id"}: the replica's current job
 
     @classmethod
     def of(cls, host: HostSpec, name: str) -> SlurmFiles:
@@ -66,7 +69,7 @@ class SlurmFiles:
         d = slurm_dir(host)
         return cls(
             f"{d}/{name}.sbatch", f"{d}/{name}-%j.log", f"{d}/{name}.secret", f"{d}/{name}.url",
-            f"{d}/{name}-allowed-clients.json",
+            f"{d}/{name}-allowed-clients.json", f"{d}/{name}.job",
         )  # fmt: skip
 
 
@@ -134,7 +137,7 @@ def batch_script(spec: ClusterSpec, model: ModelSpec, index: int, replica: Slurm
         host.python, "-m", "deploy.runtime.slurm_job",
         "--controller-address", controller_url(spec), "--url-file", files.url,
         "--registration-secret-file", files.secret, "--resubmit-script", files.script,
-        "--records-file", f"{slurm_dir(host)}/jobs.json", "--drain-wait", str(wait), "--", *worker,
+        "--job-file", files.job, "--drain-wait", str(wait), "--", *worker,
     ]  # fmt: skip
     lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in _sbatch_options(spec, replica, name, files))]
     lines.append(f"# llm-deploy: cluster {spec.name}, replica {name} of model {model.name} (written by up)")

@@ -3,7 +3,8 @@
 On ``SIGUSR1`` (``sbatch --signal=B:USR1@<grace>``) :class:`Drain` runs once, in a thread:
 
 1. submits the replica's own batch script again (``sbatch``, from the node: Slurm clients work
-   inside jobs) and records the new job id in ``jobs.json``, so ``down`` cancels it too;
+   inside jobs) and records the new job id in the replica's ``.job`` record, so ``down``
+   cancels it too;
 2. waits, up to ``wait`` seconds, until that job's worker is registered (its ``.url`` record
    says so), so capacity does not drop;
 3. takes this worker out of rotation (the controller's ``/drain_worker``) and stops its
@@ -54,7 +55,7 @@ class Drain:
     secret: str
     url_file: Path
     script: Path | None = None
-    records: Path | None = None
+    job_file: Path | None = None
     wait: float = 120.0
     settle: float = 3.0
 
@@ -106,13 +107,13 @@ class Drain:
             logger.error("%s: sbatch failed (%d): %s", self.name, done.returncode, done.stderr.strip())
             return None
         logger.warning("%s: replacement job %s submitted", self.name, job)
-        if self.records is not None:
-            data = json.loads(self.records.read_text()) if self.records.exists() else {"jobs": {}}
-            data.setdefault("jobs", {})[self.name] = job
-            tmp = self.records.with_name(self.records.name + f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
+        if self.job_file is not None:
+            record = json.loads(self.job_file.read_text()) if self.job_file.exists() else {}
+            record.update(replica=self.name, job_id=job)
+            tmp = self.job_file.with_name(f".{self.job_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(record) + "\n")
             tmp.chmod(0o600)
-            tmp.replace(self.records)
+            tmp.replace(self.job_file)
         return job
 
     def _wait_for(self, job: str) -> None:

@@ -3,7 +3,7 @@
 Usage (the batch script ``llm-deploy up`` writes ``exec``s this, so Slurm's batch signals reach it)::
 
     python -m deploy.runtime.slurm_job --controller-address URL --url-file PATH
-        --registration-secret-file PATH [--resubmit-script PATH --records-file PATH]
+        --registration-secret-file PATH [--resubmit-script PATH --job-file PATH]
         [--drain-wait SECONDS] -- <deploy.runtime.model_worker flags, without --host/--port/--worker-address>
 
 On the node Slurm allocated it:
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--url-file", type=Path, required=True)
     parser.add_argument("--registration-secret-file", type=Path, required=True)
     parser.add_argument("--resubmit-script", type=Path, help="submitted again at SIGUSR1 (the replacement)")
-    parser.add_argument("--records-file", type=Path, help="jobs.json: where the replacement's id is recorded")
+    parser.add_argument("--job-file", type=Path, help="the replica's .job record (the replacement's id)")
     parser.add_argument("--drain-wait", type=float, default=120.0, help="seconds to wait for the replacement")
     parser.add_argument("worker_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     name = os.environ.get("LLM_DEPLOY_COMPONENT", "worker")
     drain = Drain(
         name, args.controller_address, url, secret, args.url_file,
-        args.resubmit_script, args.records_file, args.drain_wait,
+        args.resubmit_script, args.job_file, args.drain_wait,
     )  # fmt: skip
     signal.signal(signal.SIGUSR1, drain.on_signal)
     from deploy.runtime.registration import ON_REGISTERED

@@ -39,15 +39,14 @@ class SlurmDeploy:
         """Run ``llm-deploy ARGS`` in-process."""
         return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
-    @property
-    def jobs_file(self) -> Path:
-        return self.root / "state-login" / "slurm" / "jobs.json"
-
     def recorded_jobs(self) -> dict[str, str]:
-        """Replica name -> job id, as ``up`` recorded them."""
-        if not self.jobs_file.exists():
-            return {}
-        jobs: dict[str, str] = json.loads(self.jobs_file.read_text())["jobs"]
+        """Replica name -> job id, as ``up`` (or a job handing over) recorded them."""
+        jobs = {}
+        for path in (self.root / "state-login" / "slurm").glob("*.job"):
+            record = json.loads(path.read_text())
+            assert record["replica"] == path.stem, record
+            if record["job_id"]:
+                jobs[record["replica"]] = str(record["job_id"])
         return jobs
 
     def squeue(self) -> dict[str, tuple[str, str]]:

@@ -122,6 +122,44 @@ def test_batch_script_execs_the_job_runner_with_paths_but_no_secret() -> None:
     assert "--controller-address http://10.0.0.2:21001" in last
     assert "--registration-secret-file /shared/llmd/slurm/slurm-tiny-0.secret" in last
     assert "--host" not in last.split() and "--port" not in last.split()
+    assert "--job-file /shared/llmd/slurm/slurm-tiny-0.job" in last  # its own record, no shared file
+
+
+def test_replicas_handing_over_at_once_each_record_their_replacement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs submitted together get USR1 together; each writes only its own ``.job`` record.
+
+    ``sbatch`` here is a stand-in script answering ``--parsable`` (the Slurm tier runs the real one).
+    """
+    import threading
+
+    from deploy.runtime.drain import Drain
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"  # --parsable's answer; the job id from the script's name
+    sbatch.write_text('#!/bin/sh\ncase "$2" in *tiny-0*) echo "500;c1" ;; *) echo "501;c1" ;; esac\n')
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    drains = []
+    for name in ("slurm-tiny-0", "slurm-tiny-1"):
+        job_file = tmp_path / f"{name}.job"
+        job_file.write_text(json.dumps({"cluster": "c1", "replica": name, "job_id": "7"}))
+        script = tmp_path / f"{name}.sbatch"
+        script.write_text("#!/bin/bash\n")
+        drains.append(
+            Drain(name, "http://c", "http://w", "s", tmp_path / f"{name}.url", script, job_file, wait=0)
+        )
+    threads = [threading.Thread(target=d._resubmit) for d in drains]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    records = [json.loads((tmp_path / f"{d.name}.job").read_text()) for d in drains]
+    assert all(r["cluster"] == "c1" for r in records)  # what up wrote is kept
+    assert {r["replica"]: r["job_id"] for r in records} == {"slurm-tiny-0": "500", "slurm-tiny-1": "501"}
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_sbatch_and_squeue_answers() -> None:
