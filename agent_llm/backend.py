@@ -261,6 +261,13 @@ class LanguageBackend(ABC):
             self._amend_or_record(before, messages, text, value, details)
             return value
         self._amend_or_record(before, messages, text, None, {**details, "structured_problem": problem})
+        cut = bool(self.history) and self.history[-1].get("finish_reason") == "length"
+        if cut and text.lstrip()[:1] in ("{", "["):
+            # JSON begun and cut by the token limit: no sign that the server ignored the schema
+            # (a server that ignores it writes text, as FastChat's hf kind does).
+            raise StructuredOutputError(
+                text, problem, f" (constrained by {method}, cut at the token limit: raise max_tokens)"
+            )
         if not self.constraint_ignored(problem):
             raise StructuredOutputError(text, problem, f" (constrained by {method})")
         return self._structured_by_reask(

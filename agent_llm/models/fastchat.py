@@ -12,7 +12,10 @@ So token counts come from the server, and option scoring renders the prompt loca
   (a token is never shorter than a byte), so it costs a round trip only near the limit.
 - ``choose_from_options``: with ``conv_template`` on a transformers ``model_worker``, every
   ``prompt + option + end-of-turn`` is scored in one ``/v1/completions`` request
-  (``echo`` + ``logprobs``, nothing generated but one token); otherwise generate and match.
+  (``echo`` + ``logprobs``, nothing generated but one token). With ``tokenize_endpoint`` (a
+  vLLM-kind model under its own chat template) the server's ``/tokenize`` renders the prompt and
+  each ``prompt + option`` turn to token ids, and the same one request scores the id lists
+  (vLLM's prefix cache serves the shared prompt). Otherwise generate and match.
 - structured output, tool calls and ``choice_method: constrained``: ``structured_outputs``
   (default ``auto``) decides whether ``response_format``, ``tools`` and guided ``choice`` are
   sent. FastChat's own server drops fields it does not know, silently, so ``auto`` judges by
@@ -142,7 +145,7 @@ class FastChatLanguageBackend(OpenAILanguageBackend):
                 self._counts.move_to_end(key)
                 return self._counts[key]
         if self.tokenize_endpoint:
-            count = self._tokenize(messages)
+            count = self._tokenize(messages)[0]
         elif self.conv_template:
             count = self._token_check(self._render(messages))
         else:
@@ -173,17 +176,25 @@ class FastChatLanguageBackend(OpenAILanguageBackend):
             )
         return int(response.usage.prompt_tokens)
 
-    def _tokenize(self, messages: Sequence[Message]) -> int:
-        body = {
+    def _tokenize(self, messages: Sequence[Message], ending: str = "generation") -> tuple[int, list[int]]:
+        """The count and ids of ``messages``'s tokens under the served model's own chat template.
+
+        vLLM's ``/tokenize``; ``ending`` is ``generation`` (the assistant's turn opened after the
+        messages), ``open`` (the final assistant message left unfinished) or ``closed`` (it
+        rendered as a finished turn).
+        """
+        body: dict[str, Any] = {
             "model": self.model_id,
             "messages": [dict(m) for m in messages],
-            "add_generation_prompt": True,
+            "add_generation_prompt": ending == "generation",
         }
+        if ending == "open":
+            body["continue_final_message"] = True
         reply: Any = self.request(
             "token count", lambda: self.client.post(f"{self._root}/tokenize", cast_to=object, body=body)
         )
         try:
-            return int(reply["count"])
+            return int(reply["count"]), [int(t) for t in reply["tokens"]]
         except (TypeError, KeyError, ValueError) as exc:
             raise ConfigurationError(
                 f"tokenize_endpoint: unexpected /tokenize reply {reply!r} from {self.where}; "
@@ -226,6 +237,8 @@ class FastChatLanguageBackend(OpenAILanguageBackend):
         if self._scoring_unavailable:
             raise ScoringUnavailable(self._scoring_unavailable)
         if not self.conv_template:
+            if self.tokenize_endpoint:
+                return self._score_token_ids(messages, options)
             raise ScoringUnavailable(
                 "conv_template is not set, so the server's chat prompt cannot be rebuilt"
             )
@@ -237,27 +250,13 @@ class FastChatLanguageBackend(OpenAILanguageBackend):
                 raise ScoringUnavailable(f"template {self.conv_template!r} rewrites the reply {option!r}")
             # The option and the template's end-of-turn marker; what follows opens the next turn.
             texts.append(prompt + full[len(prompt) :].rstrip())
-        response = self.request(
-            "option scoring",
-            lambda: self.client.completions.create(
-                model=self.model_id, prompt=texts, max_tokens=1, temperature=0, echo=True, logprobs=1
-            ),
-            1,
-        )
-        rows = sorted(response.choices, key=lambda c: c.index)
-        if len(rows) != len(texts) or any(
-            r.logprobs is None or r.logprobs.token_logprobs is None for r in rows
-        ):
-            self._scoring_unavailable = (
-                f"{self.where} returns no prompt log-probabilities for {self.model_id}"
-            )
-            raise ScoringUnavailable(self._scoring_unavailable)
+        rows = self._echo_logprobs(texts)
         # Each echo holds the prompt's tokens plus the one generated token.
-        base = rows[0].logprobs.tokens or []  # type: ignore[union-attr]
+        base = rows[0].logprobs.tokens or []
         prompt_len = len(base) - 1
         scores, lengths = [], []
         for row in rows[1:]:
-            tokens, logprobs = row.logprobs.tokens or [], row.logprobs.token_logprobs or []  # type: ignore[union-attr]
+            tokens, logprobs = row.logprobs.tokens or [], row.logprobs.token_logprobs or []
             end = len(tokens) - 1
             if end + 1 > self.context_length:
                 raise ContextLengthExceededError(end, 1, self.context_length, self.model_id)
@@ -269,4 +268,66 @@ class FastChatLanguageBackend(OpenAILanguageBackend):
             scores,
             prompt_tokens=prompt_len,
             details={"remote_requests": 1, "option_tokens": lengths, "conv_template": self.conv_template},
+        )
+
+    def _echo_logprobs(self, prompts: list[str] | list[list[int]]) -> list[Any]:
+        """The choices of one ``/v1/completions`` request that echoes ``prompts`` with log-probabilities."""
+        response = self.request(
+            "option scoring",
+            lambda: self.client.completions.create(
+                model=self.model_id, prompt=prompts, max_tokens=1, temperature=0, echo=True, logprobs=1
+            ),
+            1,
+        )
+        rows = sorted(response.choices, key=lambda c: c.index)
+        if len(rows) != len(prompts) or any(
+            r.logprobs is None or r.logprobs.token_logprobs is None for r in rows
+        ):
+            self._scoring_unavailable = (
+                f"{self.where} returns no prompt log-probabilities for {self.model_id}"
+            )
+            raise ScoringUnavailable(self._scoring_unavailable)
+        return rows
+
+    def _score_token_ids(self, messages: Sequence[Message], options: Sequence[str]) -> OptionScores:
+        """Options scored as token ids the server's own chat template made (a vLLM-kind model).
+
+        As with ``conv_template`` and the HuggingFace backend, an option's score covers its
+        tokens and the end-of-turn token after them: each option is rendered as the assistant's
+        unfinished turn, and the token one finished turn has after its option is appended (a
+        template's end of turn is the same after every reply). The ids before the option must be
+        the generation prompt's, or the template rewrites earlier turns and scoring is unavailable.
+        """
+        prompt = self._tokenize(messages)[1]
+        rows: list[list[int]] = []
+        for option in options:
+            turn = [*messages, {"role": "assistant", "content": option}]
+            ids = self._tokenize(turn, "open")[1]
+            if ids[: len(prompt)] != prompt or len(ids) == len(prompt):
+                raise ScoringUnavailable(
+                    f"the chat template of {self.model_id} renders the reply {option!r} other than "
+                    "after its generation prompt"
+                )
+            if not rows:
+                closed = self._tokenize(turn, "closed")[1]
+                if closed[: len(ids)] != ids or len(closed) == len(ids):
+                    raise ScoringUnavailable(
+                        f"the chat template of {self.model_id} ends no turn after a reply"
+                    )
+                end_of_turn = closed[len(ids)]
+            rows.append([*ids, end_of_turn])
+            if len(rows[-1]) + 1 > self.context_length:
+                raise ContextLengthExceededError(len(rows[-1]), 1, self.context_length, self.model_id)
+        scores = []
+        for ids, row in zip(rows, self._echo_logprobs(rows), strict=True):
+            logprobs = row.logprobs.token_logprobs or []
+            scores.append(float(sum(lp for lp in logprobs[len(prompt) : len(ids)] if lp is not None)))
+        return OptionScores(
+            scores,
+            prompt_tokens=len(prompt),
+            details={
+                "remote_requests": 3 + len(options),  # /tokenize: prompt, each option, one turn end; scoring
+                "option_tokens": [len(ids) - len(prompt) for ids in rows],
+                "scored_with": "the served chat template (/tokenize)",
+            },
         )

@@ -34,6 +34,7 @@ from agent_llm.errors import (
     ContextLengthExceededError,
     ModelNotFoundError,
     ServiceUnavailableError,
+    StructuredOutputError,
 )
 from agent_llm.retry import RetriesExhausted, RetryPolicy, call_with_retries
 from agent_llm.structured import (
@@ -279,17 +280,28 @@ class OpenAILanguageBackend(LanguageBackend):
         message = response.choices[0].message
         self._check_tools_honoured(message)
         finish = response.choices[0].finish_reason
-        reply = ToolReply(text or None, parse_tool_calls(message.tool_calls), finish)
         usage = response.usage
+        record = {
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "finish_reason": finish,
+            "structured_method": "server",
+        }
+        try:
+            reply = ToolReply(text or None, parse_tool_calls(message.tool_calls), finish)
+        except StructuredOutputError as exc:
+            # Kept in the history as the server sent it, then raised.
+            raw = [c.model_dump() for c in message.tool_calls or []]
+            self.record_call(
+                messages, text, None, **record, tool_calls_raw=raw, structured_problem=exc.problem
+            )
+            raise
         self.record_call(
             messages,
             text,
             reply,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
-            finish_reason=reply.finish_reason,
+            **record,
             tool_calls=[{"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls],
-            structured_method="server",
         )
         return reply
 

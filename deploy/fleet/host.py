@@ -176,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     connector = LocalConnector(args.host)
     try:
         spec = cluster_from_document(json.load(sys.stdin), args.host)
-        supervisor = Supervisor(HostAgent(connector, sys.executable), host_paths(spec.host(args.host)))
+        agent = HostAgent(connector, sys.executable)
+        supervisor = Supervisor(agent, host_paths(spec.host(args.host)), spec.name)
         if args.op == "render":
             answer = render_host(spec, args.host)
         elif args.op == "api-key":

@@ -15,6 +15,7 @@ from deploy.errors import CommandTimeout, ConnectorError
 from deploy.hosts.connector import Connector
 from deploy.runtime.hostagent import (
     FactsAnswer,
+    GroupsAnswer,
     HomeAnswer,
     OkAnswer,
     ProcessesAnswer,
@@ -168,6 +169,15 @@ class HostAgent:
     def start_supervisord(self, conf: str, *, timeout: float) -> StartAnswer:
         """Start supervisord with ``conf`` (it daemonizes)."""
         return cast(StartAnswer, self.one({"op": "start_supervisord", "conf": conf}, timeout=timeout))
+
+    def process_groups(
+        self, groups: Mapping[int, str], cluster: str, *, kill: bool = False
+    ) -> dict[str, list[int]]:
+        """Process group -> members, for the groups (named by their component) still holding
+        processes of ``cluster``; with ``kill``, each found is SIGKILLed."""
+        named = {str(g): c for g, c in groups.items()}
+        op = {"op": "groups", "groups": named, "cluster": cluster, "kill": kill}
+        return cast(GroupsAnswer, self.one(op))["left"]
 
     def processes(self, pids: Sequence[int]) -> dict[str, str]:
         """pid -> command line for those of ``pids`` still running."""

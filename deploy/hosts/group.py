@@ -177,7 +177,7 @@ def connect(
             ),
         )
         agents = {h.name: HostAgent(opened[h.name], h.python) for h in spec.hosts}
-        supervisors = {h.name: Supervisor(agents[h.name], host_paths(h)) for h in spec.hosts}
+        supervisors = {h.name: Supervisor(agents[h.name], host_paths(h), spec.name) for h in spec.hosts}
         hosts = Hosts(spec, dict(opened), agents, supervisors, down)
         yield hosts
     finally:

@@ -46,11 +46,13 @@ class Supervisor:
     Args:
         agent: The host agent of the host.
         paths: The cluster's state directory layout there.
+        cluster: The cluster's name (its components carry it in ``LLM_DEPLOY_CLUSTER``).
     """
 
-    def __init__(self, agent: HostAgent, paths: HostPaths) -> None:
+    def __init__(self, agent: HostAgent, paths: HostPaths, cluster: str) -> None:
         self.agent = agent
         self.paths = paths
+        self.cluster = cluster
 
     @property
     def host(self) -> str:
@@ -186,7 +188,29 @@ class Supervisor:
             self.rpc(["supervisor.shutdown"])
         self._wait_gone([state.supervisor_pid], "supervisord", grace + 15, kill_marker=self.paths.conf)
         self._wait_gone(pids, "components", grace + 15, kill_marker="deploy.runtime")
+        self._wait_groups_gone({p.pid: p.name for p in state.programs if p.pid > 0}, grace + 15)
         return DownResult(self.host, True, tuple(pids))
+
+    def _wait_groups_gone(self, groups: Mapping[int, str], seconds: float) -> None:
+        """Wait until no process is left in the programs' groups (vLLM's engine core exits after
+        its server); SIGKILL what is still there after ``seconds``."""
+        if not groups:
+            return
+
+        def left() -> dict[str, list[int]]:
+            return self.agent.process_groups(groups, self.cluster)
+
+        with contextlib.suppress(DeadlineExceeded):
+            poll_until(lambda: True if not left() else None, seconds=seconds, what="component children exit")
+            return
+        killed = self.agent.process_groups(groups, self.cluster, kill=True)
+        try:
+            poll_until(lambda: True if not left() else None, seconds=5.0, what="component children exit")
+        except DeadlineExceeded:
+            pids = ", ".join(str(p) for members in killed.values() for p in members)
+            raise SupervisorError(
+                f"{self.host}: components' children still running after SIGKILL: pids {pids}"
+            ) from None
 
     def _stop_stale_daemon(self, grace: float) -> None:
         # A supervisord that no longer answers but still runs: find it by our pid file only.

@@ -23,6 +23,9 @@ Operations (``op`` key), and what they answer:
 - ``state_dir`` ``path`` -> ``{"ok": bool, "error": str}``: create or adopt the state directory
   (:func:`deploy.runtime.statedir.prepare`: never a system location or a folder not ours).
 - ``processes`` ``pids`` -> ``{"alive": {pid: cmdline}}``.
+- ``groups`` ``groups: {pgid: component}, cluster, kill?`` -> ``{"left": {pgid: [pid]}}``: the
+  process groups still holding processes of the cluster's components (:mod:`.procgroup`), each
+  SIGKILLed with ``kill``.
 - ``signal`` ``pid, signal, must_contain`` -> ``{"sent": bool}``: only to a process whose command
   line contains ``must_contain`` (so a reused pid is never hit).
 - ``start_supervisord`` ``conf`` -> ``{"exit_code": int, "output": str}``.
@@ -112,6 +115,10 @@ class HomeAnswer(TypedDict):
 
 class ProcessesAnswer(TypedDict):
     alive: dict[str, str]  # pid -> command line, for the pids still running
+
+
+class GroupsAnswer(TypedDict):
+    left: dict[str, list[int]]  # process group -> its members, for the groups still ours
 
 
 class SignalAnswer(TypedDict):
@@ -303,6 +310,19 @@ def op_processes(req: dict[str, Any]) -> ProcessesAnswer:
         if cmd is not None:
             alive[str(pid)] = cmd
     return {"alive": alive}
+
+
+def op_groups(req: dict[str, Any]) -> GroupsAnswer:
+    from deploy.runtime.procgroup import group_members, kill_group
+
+    left = {}
+    for group, component in req["groups"].items():
+        members = group_members(int(group), req["cluster"], component)
+        if members and req.get("kill"):
+            kill_group(int(group))
+        if members:
+            left[str(group)] = members
+    return {"left": left}
 
 
 def op_signal(req: dict[str, Any]) -> SignalAnswer:

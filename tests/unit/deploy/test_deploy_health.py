@@ -23,7 +23,7 @@ CONTROLLER, API, WORKER = "http://127.0.0.1:41001", "http://127.0.0.1:41002", "h
 
 def make(spec: ClusterSpec, host: FakeHost, **kw: object) -> tuple[Ladder, list[list[Progress]]]:
     agent = HostAgent(RecordingConnector("local", replies=host.reply), "/opt/venv/bin/python")
-    sup = {"local": Supervisor(agent, host_paths(spec.host("local")))}
+    sup = {"local": Supervisor(agent, host_paths(spec.host("local")), spec.name)}
     seen: list[list[Progress]] = []
     ladder = Ladder(spec, sup, agent, build_components(spec), api_key="k", on_progress=seen.append)
     return ladder, seen

@@ -95,9 +95,8 @@ def up_writes(spec: ClusterSpec, host: str, digest: str) -> dict[str, tuple[str,
     """What ``llm-deploy up`` writes to ``host`` when it starts its supervisord there."""
     config = make_plan(spec, ObservedState(), api_key_digest=digest).configs[host]
     connector = RecordingConnector(host, replies=lambda call: Reply(stdout=json.dumps([{"ok": True}])))
-    Supervisor(HostAgent(connector, spec.host(host).python), host_paths(spec.host(host))).write_state(
-        state_files(spec, config)
-    )
+    agent = HostAgent(connector, spec.host(host).python)
+    Supervisor(agent, host_paths(spec.host(host)), spec.name).write_state(state_files(spec, config))
     return {p: (c.decode(), connector.modes[p]) for p, c in connector.files.items()}
 
 

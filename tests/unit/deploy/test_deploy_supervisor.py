@@ -14,7 +14,7 @@ from deploy.testing import RecordingConnector
 
 def supervisor(host: FakeHost) -> Supervisor:
     agent = HostAgent(RecordingConnector("h1", replies=host.reply), "/py")
-    return Supervisor(agent, HostPaths("/state"))
+    return Supervisor(agent, HostPaths("/state"), "c1")
 
 
 def test_observe_reads_programs_and_the_applied_fingerprints() -> None:

@@ -76,3 +76,17 @@ def test_an_empty_group_is_nothing_to_do() -> None:
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     assert reap_leftovers(int(done.stdout), "worker-tiny-0-vllm") == []
+
+
+def test_the_host_agent_finds_and_kills_a_stopped_components_children() -> None:
+    """What ``down`` asks after the programs stopped: children left in their groups."""
+    from deploy.runtime.hostagent import op_groups
+
+    group, orphan = orphaned_group("worker-tiny-0-vllm", "c1")
+    ask = {"groups": {str(group): "worker-tiny-0-vllm"}, "cluster": "c1"}
+    assert op_groups(ask) == {"left": {str(group): [orphan]}}
+    assert op_groups({**ask, "cluster": "c2"}) == {"left": {}}  # another cluster's: never touched
+    assert alive(orphan)
+    assert op_groups({**ask, "kill": True}) == {"left": {str(group): [orphan]}}
+    poll_until(lambda: True if not alive(orphan) else None, seconds=10, what="the orphan gone")
+    assert op_groups(ask) == {"left": {}}
