@@ -25,21 +25,18 @@ Run: ``AGENT_LLM_VLLM_URL=http://127.0.0.1:PORT .venv/bin/python -m bench front_
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import httpx
 
-from bench.aio import LoopRunner
-from bench.measure import median, ms, process_cpu_seconds, ratio_line, scaled, table
+from bench.aio import LoopRunner, alternate_c1, alternate_throughput, post_chat
+from bench.measure import median, ms, ratio_line, scaled, table
 from bench.workload import GENERATION, chat
 from deploy.security.secretfiles import write_secret_file
 from devtools.devstack import RuntimeLauncher, RuntimeProcess, free_port, gateway, stop_process, wait_for
@@ -47,55 +44,6 @@ from devtools.devstack import RuntimeLauncher, RuntimeProcess, free_port, gatewa
 MODEL = "tiny"
 ROUNDS_C1 = 60
 BATCHES = 3
-
-
-def _post(client: httpx.AsyncClient, url: str, headers: dict[str, str], model: str) -> Callable[[int], Any]:
-    async def call(index: int) -> None:
-        body = {"model": model, "messages": chat(index), **GENERATION}
-        reply = await client.post(url, json=body, headers=headers)
-        reply.raise_for_status()
-
-    return call
-
-
-async def _c1(paths: dict[str, Callable[[int], Any]], rounds: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    names = list(paths)
-    for index in range(rounds + 3):
-        for name in names if index % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            await paths[name](index)
-            if index >= 3:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
-async def _batch(call: Callable[[int], Any], concurrency: int, total: int, offset: int) -> float:
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(i: int) -> None:
-        async with gate:
-            await call(offset + i)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(total)))
-    return total / (time.perf_counter() - start)
-
-
-async def _throughput(
-    paths: dict[str, Callable[[int], Any]], concurrency: int, batches: int, pids: dict[str, Sequence[int]]
-) -> tuple[dict[str, float], dict[str, float]]:
-    total = scaled(4 * concurrency, minimum=concurrency)
-    rates: dict[str, list[float]] = {name: [] for name in paths}
-    cpu: dict[str, float] = dict.fromkeys(paths, 0.0)
-    names = list(paths)
-    for b in range(batches):
-        for name in names if b % 2 == 0 else reversed(names):
-            before = sum(process_cpu_seconds(p) for p in pids.get(name, ()))
-            rates[name].append(await _batch(paths[name], concurrency, total, 100_000 * (b + 1)))
-            cpu[name] += sum(process_cpu_seconds(p) for p in pids.get(name, ())) - before
-    per_request = {name: cpu[name] / (total * batches) for name in paths}
-    return {name: median(v) for name, v in rates.items()}, per_request
 
 
 def _start_router(binary: str, bridge: str, root: Path) -> tuple[RuntimeProcess, str]:
@@ -144,22 +92,23 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
                 )
                 auth = {"Authorization": f"Bearer {key}"}
                 paths = {
-                    "direct": _post(client, f"{engine}/v1/chat/completions", {}, MODEL),
-                    "bridge": _post(client, f"{bridge_url}/v1/chat/completions", {}, MODEL),
-                    "gateway": _post(client, f"{front.root}/v1/chat/completions", auth, MODEL),
+                    "direct": post_chat(client, f"{engine}/v1/chat/completions", {}, MODEL),
+                    "bridge": post_chat(client, f"{bridge_url}/v1/chat/completions", {}, MODEL),
+                    "gateway": post_chat(client, f"{front.root}/v1/chat/completions", auth, MODEL),
                 }
                 pids: dict[str, Sequence[int]] = {
                     "bridge": [bridge.pid],
                     "gateway": [front.process.pid, bridge.pid],
                 }
                 if router is not None:
-                    paths["router"] = _post(client, f"{router_url}/v1/chat/completions", {}, MODEL)
+                    paths["router"] = post_chat(client, f"{router_url}/v1/chat/completions", {}, MODEL)
                     pids["router"] = [router.pid, bridge.pid]
-                c1 = runner.run(_c1(paths, scaled(ROUNDS_C1)))
+                c1 = runner.run(alternate_c1(paths, scaled(ROUNDS_C1)))
                 rows = []
                 rates = {}
                 for concurrency in (16, 64):
-                    rates[concurrency], cpu = runner.run(_throughput(paths, concurrency, BATCHES, pids))
+                    measured = alternate_throughput(paths, concurrency, BATCHES, pids)
+                    rates[concurrency], cpu = runner.run(measured)
                     if concurrency == 16:
                         cpu16 = cpu
                 base = median(c1["direct"])
@@ -209,13 +158,13 @@ def hf_kind() -> None:
                 )
                 auth = {"Authorization": f"Bearer {stack.api_key}"}
                 paths = {
-                    "fastchat": _post(client, f"{stack.base_url}/chat/completions", auth, MODEL),
-                    "gateway": _post(client, f"{front.base_url}/chat/completions", auth, MODEL),
+                    "fastchat": post_chat(client, f"{stack.base_url}/chat/completions", auth, MODEL),
+                    "gateway": post_chat(client, f"{front.base_url}/chat/completions", auth, MODEL),
                 }
                 fastchat_pids = [stack.pids["api_server"], stack.pids["controller"]]
                 pids: dict[str, Sequence[int]] = {"fastchat": fastchat_pids, "gateway": [front.process.pid]}
-                c1 = runner.run(_c1(paths, scaled(20)))
-                rates, cpu = runner.run(_throughput(paths, 16, BATCHES, pids))
+                c1 = runner.run(alternate_c1(paths, scaled(20)))
+                rates, cpu = runner.run(alternate_throughput(paths, 16, BATCHES, pids))
                 base = median(c1["fastchat"])
                 rows = [
                     [name, ms(median(c1[name])), f"{(median(c1[name]) - base) * 1000:+.1f}",

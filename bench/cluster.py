@@ -154,8 +154,11 @@ class Workspace:
         path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
         return path
 
-    def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
-        """Start ``argv`` in its own session, output to ``logs/<name>.log``; stopped at the end."""
+    def start(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in its own session (``env`` added to the workspace's), output to
+        ``logs/<name>.log``; stopped at the end."""
         logs = self.root / "logs"
         logs.mkdir(exist_ok=True)
         with (logs / f"{name}.log").open("ab") as out:
@@ -164,7 +167,7 @@ class Workspace:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**self.env, "LOGDIR": str(logs)},  # stock FastChat writes its own logs there
+                env={**self.env, **(env or {}), "LOGDIR": str(logs)},  # stock FastChat logs there
                 cwd=logs,
                 start_new_session=True,
             )

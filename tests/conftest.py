@@ -8,13 +8,17 @@ rather than an unmarked test.
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from devtools import vllm_env
 
 TIERS = ("unit", "integration", "vllm", "multihost", "slurm", "gpu")
 TESTS_DIR = Path(__file__).parent
@@ -67,3 +71,24 @@ def free_port() -> Iterator[Callable[[], int]]:
                 return port
 
     yield pick
+
+
+@pytest.fixture(scope="session")
+def vllm_python(request: pytest.FixtureRequest) -> Path:
+    """The vLLM venv's python (vllm and multihost tiers), built here unless cached for the pins."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+
+    def log(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(line)
+
+    vllm_env.VENV_DIR.parent.mkdir(parents=True, exist_ok=True)
+    # Two runs at once (two checkouts share nothing, but two sessions of one checkout may) build once.
+    with open(vllm_env.VENV_DIR.parent / "vllm-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not vllm_env.cached() and not vllm_env.pypi_reachable():
+            pytest.skip(f"the vLLM venv is not built and PyPI ({vllm_env.PYPI_PROBE}) cannot be reached")
+        started = time.monotonic()
+        python = vllm_env.build_vllm_venv(log=log)
+        log(f"vLLM venv ready in {time.monotonic() - started:.0f} s: {python}")
+    return python

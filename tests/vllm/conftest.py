@@ -12,11 +12,9 @@ gateway in front of it.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,30 +23,7 @@ import httpx
 import pytest
 
 from deploy.security.secretfiles import write_secret_file
-from devtools import vllm_env
 from devtools.devstack import Front, RuntimeLauncher, RuntimeProcess, StackError, free_port, gateway, wait_for
-
-
-@pytest.fixture(scope="session")
-def vllm_python(request: pytest.FixtureRequest) -> Path:
-    """The vLLM venv's python, built here first unless cached for the current pins."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-
-    def log(line: str) -> None:
-        if reporter is not None:
-            reporter.write_line(line)
-
-    vllm_env.VENV_DIR.parent.mkdir(parents=True, exist_ok=True)
-    # Two runs at once (two checkouts share nothing, but two sessions of one checkout may) build once.
-    with open(vllm_env.VENV_DIR.parent / "vllm-venv.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not vllm_env.cached() and not vllm_env.pypi_reachable():
-            pytest.skip(f"the vLLM venv is not built and PyPI ({vllm_env.PYPI_PROBE}) cannot be reached")
-        started = time.monotonic()
-        python = vllm_env.build_vllm_venv(log=log)
-        log(f"vLLM venv ready in {time.monotonic() - started:.0f} s: {python}")
-    return python
-
 
 VLLM_PYTHON_ENV = "AGENT_LLM_VLLM_PYTHON"
 VLLM_URL_ENV = "AGENT_LLM_VLLM_URL"
