@@ -67,12 +67,11 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
     launcher = RuntimeLauncher(root / "logs")
     key = secrets.token_urlsafe(16)
     write_secret_file(root / "api_keys", key + "\n")
-    cport, bport = free_port(), free_port()
-    controller_url, bridge_url = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{bport}"
+    bport = free_port()
+    bridge_url = f"http://127.0.0.1:{bport}"
     router: RuntimeProcess | None = None
     try:
-        launcher.start("controller", "--host", "127.0.0.1", "--port", str(cport))
-        wait_for(lambda: httpx.post(f"{controller_url}/list_models", timeout=5).is_success, what="controller")
+        _controller, controller_url = launcher.controller()
         bridge = launcher.start(
             "vllm_bridge", "--upstream", engine, "--model-names", MODEL, "--conv-template", "vicuna_v1.1",
             "--host", "127.0.0.1", "--port", str(bport), "--worker-address", bridge_url,

@@ -9,8 +9,9 @@ their own state directories and the tiny model built here):
 - **bring-up**: ``llm-deploy up`` of ``local-vllm.yaml`` on a new cluster (until it exits 0:
   vLLM ready, the bridge registered, a completion through the API server, the client config
   written), against the lower bound: the same vLLM command line ``up`` runs (``plan`` shows it),
-  started alone until ``/health`` answers and a 1-token completion returns. Rounds alternate
-  which goes first. Target: ``up`` <= 1.15x vLLM alone.
+  started alone until ``/health`` answers and a 1-token completion returns, after one untimed
+  start that fills vLLM's compile cache. Rounds alternate which goes first. Target: ``up`` <=
+  1.15x vLLM alone. ``BENCH_VLLM_BRINGUP=0`` or ``BENCH_VLLM_KINDS=0`` skips a part.
 - **kinds**: both clusters up at once; the same chats (8 greedy tokens, a new conversation per
   request, one pooled ``httpx.AsyncClient``) through each one's :8000, at concurrency 1
   (alternating request by request: p50 and req/s), 8 and 32 (alternating batch by batch: req/s).
@@ -118,6 +119,10 @@ def bringup(ws: Workspace, python: Path) -> None:
     rounds = scaled(2, minimum=1)
     ups: list[CliRun] = []
     alone: list[float] = []
+    # vLLM compiles the model on its first start and caches that (torch inductor): an untimed
+    # start first, so that no round pays it.
+    warm = engine_alone(ws, vllm_spec(ws, f"bench-vllm-{os.getpid()}-warm", python), -1)
+    print(f"warm-up: vLLM alone {warm:.1f} s (untimed)", flush=True)
     for index in range(rounds):
         spec = vllm_spec(ws, f"bench-vllm-{os.getpid()}-{index}", python)
         order = ("up", "alone") if index % 2 == 0 else ("alone", "up")
@@ -177,7 +182,7 @@ def kinds(ws: Workspace, python: Path) -> None:
     print(table(["kind", "p50 ms c=1", "req/s c=1", "req/s c=8", "req/s c=32"], rows))
     print()
     for c in (1, 8, 32):
-        print(ratio_line(f"vllm_vs_hf_c{c}", rates[c]["vllm"] / rates[c]["hf"], "(reported)"))
+        print(ratio_line(f"vllm_vs_hf_c{c}", rates[c]["vllm"] / rates[c]["hf"], "reported"))
 
 
 def main() -> None:
@@ -188,7 +193,8 @@ def main() -> None:
     with workspace("bench-vllm-") as ws:
         if os.environ.get("BENCH_VLLM_BRINGUP", "1") != "0":
             bringup(ws, python)
-        kinds(ws, python)
+        if os.environ.get("BENCH_VLLM_KINDS", "1") != "0":
+            kinds(ws, python)
     sys.stdout.flush()
 
 

@@ -222,6 +222,26 @@ class RuntimeLauncher:
         """:func:`free_port`."""
         return free_port()
 
+    def controller(self) -> tuple[RuntimeProcess, str]:
+        """``deploy.runtime.controller`` on a free loopback port, waited for; returns it and its URL."""
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = self.start("controller", "--host", "127.0.0.1", "--port", str(port))
+        answers = lambda: httpx.post(f"{url}/list_models", timeout=5).is_success  # noqa: E731
+        self.wait_for(answers, what="the controller", watch=[proc])
+        return proc, url
+
+    def wait_registered(
+        self, controller_url: str, model: str, count: int, watch: Sequence[RuntimeProcess]
+    ) -> None:
+        """Wait until the controller lists ``count`` workers serving ``model``."""
+
+        def listed() -> bool:
+            workers = httpx.post(f"{controller_url}/list_workers", timeout=5).json()["workers"]
+            return sum(1 for w in workers.values() if model in w["model_names"]) == count
+
+        self.wait_for(listed, what=f"{count} worker(s) of {model} registered", watch=watch)
+
     def stop_all(self) -> None:
         """Stop every started process, newest first (API server before worker before controller)."""
         for proc in reversed(self.processes):
@@ -252,18 +272,12 @@ def fastchat_stack(
     api_key = secrets.token_urlsafe(24)
     key_file = root / "api_keys"
     write_secret_file(key_file, api_key + "\n")
-    controller_port, worker_port, api_port = free_port(), free_port(), free_port()
-    controller_url = f"http://127.0.0.1:{controller_port}"
+    worker_port, api_port = free_port(), free_port()
     worker_url = f"http://127.0.0.1:{worker_port}"
     api_url = f"http://127.0.0.1:{api_port}"
     launcher = RuntimeLauncher(logs)
     try:
-        controller = launcher.start("controller", "--host", "127.0.0.1", "--port", str(controller_port))
-        wait_for(
-            lambda: httpx.post(f"{controller_url}/list_models", timeout=5).is_success,
-            what="the controller",
-            watch=[controller],
-        )
+        controller, controller_url = launcher.controller()
         limit = (
             ()
             if limit_worker_concurrency is None

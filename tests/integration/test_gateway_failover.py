@@ -5,18 +5,16 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import openai
 import pytest
 
 from deploy.security.secretfiles import write_secret_file
 from devtools.devstack import CONV_TEMPLATE, RuntimeLauncher, gateway
+from devtools.load import load_through
 
 if TYPE_CHECKING:
     from devtools.devstack import Stack
@@ -34,14 +32,7 @@ def test_kill_9_of_one_of_two_workers_fails_no_request_that_had_not_started(
     key = secrets.token_urlsafe(16)
     key_file = tmp_path / "api_keys"
     write_secret_file(key_file, key + "\n")
-    controller_port = launcher.free_port()
-    controller_url = f"http://127.0.0.1:{controller_port}"
-    controller = launcher.start("controller", "--host", "127.0.0.1", "--port", str(controller_port))
-    launcher.wait_for(
-        lambda: httpx.post(f"{controller_url}/list_models", timeout=5).is_success,
-        what="the controller",
-        watch=[controller],
-    )
+    controller, controller_url = launcher.controller()
     workers = []
     for i in range(2):
         port = launcher.free_port()
@@ -54,51 +45,15 @@ def test_kill_9_of_one_of_two_workers_fails_no_request_that_had_not_started(
                 name=f"worker-{i}",
             )
         )
-
-    def both_listed() -> bool:
-        listed = httpx.post(f"{controller_url}/list_workers", timeout=5).json()["workers"]
-        return sum(1 for w in listed.values() if MODEL in w["model_names"]) == 2
-
-    launcher.wait_for(both_listed, what="both workers registered", watch=[controller, *workers])
+    launcher.wait_registered(controller_url, MODEL, 2, watch=[controller, *workers])
     with gateway(
         launcher, controller_url=controller_url, key_file=key_file, api_key=key, models=[MODEL]
     ) as front:
-        stop = threading.Event()
-        results: list[str] = []
-
-        def load(n: int) -> None:
-            with openai.OpenAI(base_url=front.base_url, api_key=key, max_retries=0, timeout=60) as client:
-                while not stop.is_set():
-                    try:
-                        if n % 2:
-                            client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8)
-                            results.append("ok")
-                        else:
-                            started = False
-                            try:
-                                for _chunk in client.chat.completions.create(
-                                    model=MODEL, messages=HELLO, max_tokens=8, stream=True
-                                ):
-                                    started = True
-                                results.append("ok")
-                            except openai.APIError:
-                                # An error event after the first chunk: a stream that had started.
-                                results.append("started-then-failed" if started else "failed: stream")
-                    except Exception as exc:
-                        results.append(f"failed: {type(exc).__name__}: {exc}")
-
-        with ThreadPoolExecutor(6) as pool:
-            for n in range(6):
-                pool.submit(load, n)
-            time.sleep(3)
-            before = len(results)
-            os.kill(workers[0].pid, signal.SIGKILL)
-            time.sleep(5)
-            stop.set()
-        failed = [r for r in results if r.startswith("failed")]
-        assert not failed, failed[:5]
-        assert before > 0 and len(results) - before > 5, results
-        assert results.count("ok") >= len(results) - 6  # at most one started stream per thread cut
+        result = load_through(front.base_url, key, MODEL, lambda: os.kill(workers[0].pid, signal.SIGKILL))
+    assert not result.failed, result.failed[:5]
+    assert result.before > 0 and len(result.outcomes) - result.before > 5, result.outcomes
+    # At most one started stream per thread cut.
+    assert result.outcomes.count("ok") >= len(result.outcomes) - 6
 
 
 def test_per_key_concurrency_limit_is_a_429(fastchat_stack: Stack, runtime_launcher: RuntimeLauncher) -> None:

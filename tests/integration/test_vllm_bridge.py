@@ -66,19 +66,14 @@ class Bridged:
 def bridged(fastchat_stack: FastChatStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridged]:
     """Controller, bridge (upstream: the stack's API server) and a front API server."""
     launcher = RuntimeLauncher(tmp_path_factory.mktemp("vllm-bridge") / "logs")
-    ports = [launcher.free_port() for _ in range(3)]
-    controller_url, bridge_url, api_url = (f"http://127.0.0.1:{p}" for p in ports)
+    ports = [launcher.free_port() for _ in range(2)]
+    bridge_url, api_url = (f"http://127.0.0.1:{p}" for p in ports)
     try:
-        controller = launcher.start("controller", "--host", "127.0.0.1", "--port", str(ports[0]))
-        launcher.wait_for(
-            lambda: httpx.post(f"{controller_url}/list_models", timeout=5).status_code == 200,
-            what="the controller",
-            watch=[controller],
-        )
+        controller, controller_url = launcher.controller()
         bridge = launcher.start(
             "vllm_bridge",
             *("--upstream", fastchat_stack.base_url.removesuffix("/v1"), "--model-names", MODEL),
-            *("--conv-template", CONV, "--host", "127.0.0.1", "--port", str(ports[1])),
+            *("--conv-template", CONV, "--host", "127.0.0.1", "--port", str(ports[0])),
             *("--worker-address", bridge_url, "--controller-address", controller_url),
             *("--heartbeat-interval", "1"),
             env={"VLLM_API_KEY": fastchat_stack.api_key},
@@ -88,7 +83,7 @@ def bridged(fastchat_stack: FastChatStack, tmp_path_factory: pytest.TempPathFact
             "--host",
             "127.0.0.1",
             "--port",
-            str(ports[2]),
+            str(ports[1]),
             "--controller-address",
             controller_url,
         )

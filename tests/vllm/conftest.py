@@ -96,15 +96,9 @@ def vllm_front(tmp_path_factory: pytest.TempPathFactory, vllm_engine: str) -> It
     launcher = RuntimeLauncher(root / "logs")
     key = secrets.token_urlsafe(16)
     write_secret_file(root / "api_keys", key + "\n")
-    controller_port, bridge_port = free_port(), free_port()
-    controller_url = f"http://127.0.0.1:{controller_port}"
+    bridge_port = free_port()
     try:
-        controller = launcher.start("controller", "--host", "127.0.0.1", "--port", str(controller_port))
-        launcher.wait_for(
-            lambda: httpx.post(f"{controller_url}/list_models", timeout=5).is_success,
-            what="the controller",
-            watch=[controller],
-        )
+        controller, controller_url = launcher.controller()
         bridge = launcher.start(
             "vllm_bridge",
             *("--upstream", vllm_engine, "--model-names", MODEL, "--conv-template", "vicuna_v1.1"),
