@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from deploy.health.status import ClusterStatus, ComponentStatus
-from deploy.health.traffic import KeyUsage
+from deploy.health.traffic import RATES, KeyUsage
 from deploy.orchestration.plan import Plan, RestartComponent, StartComponent
 from deploy.report import Phase, Progress, timed
 from deploy.spec.model import ClusterSpec
@@ -144,12 +144,8 @@ def render_traffic(traffic: Mapping[str, Mapping[str, float]], console: Console)
     for column in ("model", "req/s", "prompt tok/s", "completion tok/s"):
         table.add_column(column, no_wrap=True, justify="left" if column == "model" else "right")
     for model, t in traffic.items():
-        table.add_row(
-            model,
-            f"{t.get('requests_per_s', 0.0):.2f}",
-            f"{t.get('prompt_tokens_per_s', 0.0):.1f}",
-            f"{t.get('completion_tokens_per_s', 0.0):.1f}",
-        )
+        requests, prompt, completion = (t[rate] for rate in RATES)
+        table.add_row(model, f"{requests:.2f}", f"{prompt:.1f}", f"{completion:.1f}")
     console.print(table)
 
 

@@ -158,8 +158,7 @@ def judge_status(seen: StatusObservation) -> ClusterStatus:
     api_models = tuple(m.get("id", "") for m in (listed or {}).get("data", []) if isinstance(m, dict))
     traffic = None
     if "metrics" in probes and probes["metrics"].ok:
-        idle = {"requests_per_s": 0.0, "prompt_tokens_per_s": 0.0, "completion_tokens_per_s": 0.0}
-        traffic = {m: dict(idle) for m in api_models} | model_traffic(probes["metrics"].body)
+        traffic = model_traffic(probes["metrics"].body, api_models)
     rows = []
     for c in components:
         if c.host in unreachable:

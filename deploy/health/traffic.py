@@ -8,11 +8,12 @@ its last minute); ``usage`` shows requests and tokens per key name since the API
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from deploy.render.prometheus import samples
 
-__all__ = ["KeyUsage", "key_usage", "model_traffic"]
+__all__ = ["RATES", "KeyUsage", "key_usage", "model_traffic"]
 
 
 @dataclass(frozen=True)
@@ -26,21 +27,24 @@ class KeyUsage:
     completion_tokens: int
 
 
-def model_traffic(text: str) -> dict[str, dict[str, float]]:
-    """model -> ``requests_per_s``, ``prompt_tokens_per_s``, ``completion_tokens_per_s``."""
-    traffic: dict[str, dict[str, float]] = defaultdict(dict)
+RATES = ("requests_per_s", "prompt_tokens_per_s", "completion_tokens_per_s")
+
+
+def model_traffic(text: str, served: Iterable[str] = ()) -> dict[str, dict[str, float]]:
+    """model -> each of :data:`RATES`, for the models in ``text`` and in ``served`` (0 when idle)."""
+    traffic: dict[str, dict[str, float]] = {m: dict.fromkeys(RATES, 0.0) for m in served}
     for s in samples(text):
-        model = s.labels.get("model")
+        model, kind = s.labels.get("model"), s.labels.get("type")
         if model is None:
             continue
         if s.name == "llm_gateway_recent_requests_per_second":
-            traffic[model]["requests_per_s"] = s.value
-        elif s.name == "llm_gateway_recent_tokens_per_second" and s.labels.get("type") in (
-            "prompt",
-            "completion",
-        ):
-            traffic[model][f"{s.labels['type']}_tokens_per_s"] = s.value
-    return {m: {"requests_per_s": 0.0, **t} for m, t in sorted(traffic.items())}
+            rate = "requests_per_s"
+        elif s.name == "llm_gateway_recent_tokens_per_second" and kind in ("prompt", "completion"):
+            rate = f"{kind}_tokens_per_s"
+        else:
+            continue
+        traffic.setdefault(model, dict.fromkeys(RATES, 0.0))[rate] = s.value
+    return dict(sorted(traffic.items()))
 
 
 def key_usage(text: str) -> list[KeyUsage]:

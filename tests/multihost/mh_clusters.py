@@ -73,10 +73,12 @@ def write_ssh_cluster(
     name: str,
     workers: Sequence[str] = ("w1", "w2"),
     extra: Mapping[str, Any] | None = None,
+    host_fields: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> SSHCluster:
     """A spec: controller and API server on ``head``, one ``hf`` replica of the tiny model per worker host.
 
-    Hosts are reached through the testbed's ssh_config aliases with host key checking on.
+    Hosts are reached through the testbed's ssh_config aliases with host key checking on;
+    ``host_fields`` adds to (or replaces) a host's keys, e.g. ``{"w2": {"python": ...}}``.
     """
     root.mkdir(parents=True, exist_ok=True)
     names = ["head", *workers]
@@ -90,6 +92,8 @@ def write_ssh_cluster(
         }
         for h in names
     }
+    for h, fields in (host_fields or {}).items():
+        hosts[h].update(fields)
     spec: dict[str, Any] = {
         "cluster": name,
         "hosts": hosts,

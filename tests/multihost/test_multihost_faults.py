@@ -154,10 +154,9 @@ def crashing_w2(test_hosts: Testbed, tmp_path: Path, tiny_model: Path) -> Iterat
         f'exec {sys.executable} "$@"\n'
     )
     wrapper.chmod(0o755)
-    c = write_ssh_cluster(test_hosts, tmp_path, tiny_model, name="mh-crash")
-    data = yaml.safe_load(c.spec.read_text())
-    data["hosts"]["w2"]["python"] = str(wrapper)
-    c.spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    c = write_ssh_cluster(
+        test_hosts, tmp_path, tiny_model, name="mh-crash", host_fields={"w2": {"python": str(wrapper)}}
+    )
     try:
         yield c
     finally:

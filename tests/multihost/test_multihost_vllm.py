@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from mh_clusters import SSHCluster, write_ssh_cluster
 
 from devtools.testhosts import Testbed
@@ -52,11 +51,9 @@ def cluster(
             name=f"mh-vllm-{os.getpid()}",
             workers=("w1",),
             extra={"models": [model], "timeouts": {"start": 60, "load": 600, "register": 60, "serve": 120}},
+            # The engine's python on the worker host (the bridge keeps the host's runtime python).
+            host_fields={"w1": {"vllm_python": str(vllm_python)}},
         )
-        # The engine's python on the worker host (the bridge keeps the host's runtime python).
-        spec = yaml.safe_load(c.spec.read_text())
-        spec["hosts"]["w1"]["vllm_python"] = str(vllm_python)
-        c.spec.write_text(yaml.safe_dump(spec, sort_keys=False))
         try:
             yield c
         finally:
