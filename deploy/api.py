@@ -72,8 +72,10 @@ def up(
         DeployError: with the phase, host and component that failed.
     """
     reporter = reporter or RecordingReporter()
-    # Derived once: bad engine arguments are refused before any connection; doctor and admission
-    # judge these (the planner derives its own, with the key store's digest and admitted hosts).
+    # Derived once: bad engine arguments are refused before any connection (the vllm kind's flags
+    # provisionally: its hosts' own parsers judge them in doctor and the plan); doctor and
+    # admission judge these (the planner derives its own, with the key store's digest and
+    # admitted hosts, once connect probed them).
     components = build_components(spec)
     with cluster_lock(spec.name, action="up"), ExitStack() as stack:
         # One connector per host for the whole command: doctor's connections are reused by up.

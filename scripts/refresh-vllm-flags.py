@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Record the command-line flags of a vLLM release, for checking the command lines llm-deploy builds.
 
-Two records live in ``deploy/render/data/`` (read by :mod:`deploy.render.vllm`):
+Three records live in ``deploy/render/data/`` (read by :mod:`deploy.render.vllm`):
 
 - ``vllm_serve_flags.json``: every flag of ``vllm serve`` for the release the project documents
   (the ``vllm`` worker kind). Written by the ``serve`` mode, which builds vLLM's own parser
-  (``vllm.entrypoints.common.cli_args.make_arg_parser``, as ``vllm serve`` does) and reads its
-  actions. Run it where vLLM is installed, or point ``--vllm-src`` at an unpacked wheel whose
-  Python dependencies are importable (docs/vllm.md, "The recorded flag lists", says how the record was
-  made without a GPU).
+  (``make_arg_parser``, as ``vllm serve`` does) and reads its actions, with the code of
+  :mod:`deploy.runtime.vllm_probe` (the same code reads a host's own parser when its vLLM is
+  another release). Run it where vLLM is installed, or point ``--vllm-src`` at an unpacked wheel
+  whose Python dependencies are importable (docs/vllm.md, "The recorded flag lists").
 - ``vllm_engine_flags_0.6.2.json``: the engine flags ``fastchat.serve.vllm_worker`` adds from
   vLLM 0.6.2 (the last release it runs with; the ``fastchat-vllm`` kind). Written by the
   ``engine-static`` mode, which reads ``vllm/engine/arg_utils.py`` with ``ast`` (no import).
@@ -36,39 +36,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DATA = Path(__file__).resolve().parents[1] / "deploy" / "render" / "data"
-NEGATIVE_PREFIXES = ("--no-", "--disable-")
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "deploy" / "render" / "data"
+# The serve mode runs in vLLM's own venv, which need not have llm-deploy installed: import the
+# parser-reading module (standard library only) from this checkout.
+sys.path.insert(0, str(ROOT))
 
-
-def serve_flags(vllm_src: Path | None) -> tuple[str, list[dict[str, Any]]]:
-    """vLLM's version and the flags of its ``vllm serve`` parser."""
-    if vllm_src is not None:
-        sys.path.insert(0, str(vllm_src))
-    # Choosing the CPU platform lets the config defaults build on a machine without a GPU.
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    import importlib
-
-    import vllm
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    # The parser `vllm serve` (and the api_server module) builds; it moved in 0.32.
-    for where in ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.common.cli_args"):
-        try:
-            make_arg_parser = importlib.import_module(where).make_arg_parser
-            break
-        except ModuleNotFoundError:
-            continue
-    else:
-        raise SystemExit(f"vLLM {vllm.__version__}: no make_arg_parser where 0.32/0.33 keep it")
-
-    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
-    flags = []
-    for action in parser._actions:
-        names = [n for n in action.option_strings if n.startswith("--")]
-        if not names or names[0] == "--help":
-            continue
-        flags.append(_entry(names, takes_value=action.nargs != 0, nargs=action.nargs, choices=action.choices))
-    return str(vllm.__version__), sorted(flags, key=lambda f: f["flag"])
+from deploy.runtime.vllm_probe import ParserNotFound, flag_entry, serve_record  # noqa: E402
 
 
 def engine_flags_static(arg_utils: Path) -> list[dict[str, Any]]:
@@ -88,25 +62,8 @@ def engine_flags_static(arg_utils: Path) -> list[dict[str, Any]]:
         takes_value = action_name not in ("store_true", "store_false")
         nargs = _literal(kwargs.get("nargs"))
         choices = _literal(kwargs.get("choices"))
-        flags.append(_entry(names, takes_value=takes_value, nargs=nargs, choices=choices))
+        flags.append(flag_entry(names, takes_value=takes_value, nargs=nargs, choices=choices))
     return sorted({f["flag"]: f for f in flags}.values(), key=lambda f: f["flag"])
-
-
-def _entry(names: list[str], *, takes_value: bool, nargs: object, choices: object) -> dict[str, Any]:
-    negative = None
-    if not takes_value and len(names) > 1:
-        negative = next((n for n in names[1:] if n.startswith(NEGATIVE_PREFIXES)), None)
-    listed = None
-    if isinstance(choices, (list, tuple)) and choices:
-        listed = sorted({str(c) for c in choices if c is not None})
-    return {
-        "flag": names[0],
-        "aliases": [n for n in names[1:] if n != negative],
-        "takes_value": takes_value,
-        "negative": negative,
-        "nargs": nargs if isinstance(nargs, str) else None,
-        "choices": listed,
-    }
 
 
 def _literal(node: ast.expr | None) -> Any:
@@ -118,10 +75,11 @@ def _literal(node: ast.expr | None) -> Any:
         return None  # computed (e.g. a list of quantization methods): not recorded
 
 
-def write(
-    out: Path, version: str, method: str, command: str, flags: list[dict[str, Any]], engine: str = "vLLM"
-) -> None:
-    record = {
+def static_record(
+    version: str, method: str, command: str, flags: list[dict[str, Any]], engine: str = "vLLM"
+) -> dict[str, Any]:
+    """A record in the format :func:`deploy.runtime.vllm_probe.serve_record` writes."""
+    return {
         "engine": engine,
         "vllm_version": version,
         "recorded": datetime.date.today().isoformat(),
@@ -129,8 +87,15 @@ def write(
         "command": command,
         "flags": flags,
     }
-    out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    print(f"{out}: {len(flags)} flags of {command} ({engine} {version})")
+
+
+def write(out: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` to ``out`` atomically (a finished temporary file renamed over it)."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    flags, engine, version = len(record["flags"]), record["engine"], record["vllm_version"]
+    print(f"{out}: {flags} flags of {record['command']} ({engine} {version})")
 
 
 def main() -> None:
@@ -159,22 +124,16 @@ def main() -> None:
             "static: ast of fastchat/serve/model_worker.py (its __main__ parser) and "
             "fastchat/model/model_adapter.py (add_model_args) of the installed fschat"
         )
-        write(
-            DATA / "fastchat_model_worker_flags.json",
-            importlib.metadata.version("fschat"),
-            method,
-            "model_worker",
-            flags,
-            engine="FastChat",
-        )
+        version = importlib.metadata.version("fschat")
+        record = static_record(version, method, "model_worker", flags, engine="FastChat")
+        write(DATA / "fastchat_model_worker_flags.json", record)
     elif args.mode == "serve":
-        version, flags = serve_flags(args.vllm_src)
-        method = (
-            "introspected: the argparse actions of vllm's make_arg_parser(FlexibleArgumentParser())"
-            " (vllm.entrypoints.launchers.cli_args from 0.32), the parser of `vllm serve`"
-            + (f"; {args.method_note}" if args.method_note else "")
-        )
-        write(args.out, version, method, "vllm serve", flags)
+        src = str(args.vllm_src) if args.vllm_src else None
+        try:
+            record = serve_record(src, cpu_platform=True, method_note=args.method_note)
+        except ParserNotFound as exc:
+            raise SystemExit(str(exc)) from None
+        write(args.out, record)
     else:
         out = args.out or DATA / f"vllm_engine_flags_{args.version}.json"
         method = (
@@ -182,13 +141,8 @@ def main() -> None:
             "add_argument('--...') of EngineArgs/AsyncEngineArgs.add_cli_args); choices recorded only "
             "where literal"
         )
-        write(
-            out,
-            args.version,
-            method,
-            "AsyncEngineArgs.add_cli_args (fastchat.serve.vllm_worker)",
-            engine_flags_static(args.arg_utils),
-        )
+        command = "AsyncEngineArgs.add_cli_args (fastchat.serve.vllm_worker)"
+        write(out, static_record(args.version, method, command, engine_flags_static(args.arg_utils)))
 
 
 if __name__ == "__main__":

@@ -97,12 +97,17 @@ def vllm_python(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_import_check_marks_left() -> Iterator[None]:
-    """doctor remembers a passed vLLM import check under ``~/.cache/llm-deploy`` (the netns hosts
-    share this machine's home): the marks this session made are removed at its end."""
+    """doctor remembers a passed vLLM import check, and a host's own ``vllm serve`` flags,
+    under ``~/.cache/llm-deploy`` (the netns hosts share this machine's home): the files this
+    session made are removed at its end."""
     marks = Path.home() / ".cache" / "llm-deploy"
-    existed, before = marks.exists(), set(marks.glob("vllm-imports-*"))
+
+    def made() -> set[Path]:
+        return set(marks.glob("vllm-imports-*")) | set(marks.glob("vllm-serve-flags-*"))
+
+    existed, before = marks.exists(), made()
     yield
-    for mark in set(marks.glob("vllm-imports-*")) - before:
+    for mark in made() - before:
         mark.unlink(missing_ok=True)
     if not existed:
         with contextlib.suppress(OSError):

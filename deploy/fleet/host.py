@@ -77,8 +77,9 @@ def cluster_from_document(document: Mapping[str, Any], host: str) -> ClusterSpec
             h = dataclasses.replace(h, home=os.path.expanduser("~"))  # what the host agent's `home` says
         engines_here = any(m.kind == "vllm" and r.host == host for m in spec.models for r in m.replicas)
         if h.name == host and engines_here:
-            # As `connect` does: the engine's entry point depends on the installed distribution.
-            h = dataclasses.replace(h, vllm=probe_vllm(LocalConnector(host), h))
+            # As `connect` does: the engine's entry point depends on the installed distribution,
+            # and its flags are judged by its own parser when it is another release.
+            h = dataclasses.replace(h, vllm=probe_vllm(LocalConnector(host), h, own_flags=True))
         hosts.append(h)
     return dataclasses.replace(spec, hosts=tuple(hosts))
 

@@ -150,7 +150,7 @@ def _probe_host(spec: ClusterSpec, name: str, connector: Connector, components: 
         # fastchat-vllm imports vLLM in the host's python; the vllm kind runs it in vllm_python.
         kinds = {m.kind for m in spec.models for r in m.replicas if r.host == name}
         probed = host if "vllm" in kinds else replace(host, vllm_python=None)
-        vllm = probe_vllm(connector, probed, import_check=True)
+        vllm = probe_vllm(connector, probed, import_check=True, own_flags="vllm" in kinds)
     checks += judge_host(
         spec,
         host,

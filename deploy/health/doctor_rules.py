@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from deploy.errors import PreflightError
+from deploy.errors import PreflightError, SpecError
 from deploy.render.components import Component
-from deploy.render.vllm import check_fastchat_vllm_version, check_vllm_serve_version, serve_flags
+from deploy.render.vllm import (
+    check_engine_args,
+    check_fastchat_vllm_version,
+    check_vllm_serve_version,
+    host_serve_flags,
+    serve_flags,
+)
+from deploy.runtime.vllm_probe import public_version
 from deploy.spec.model import ClusterSpec, HostSpec, VllmInstall
 
 __all__ = [
@@ -111,6 +118,50 @@ def _import_hint(error: str, python: str) -> str:
     return f"run {python} -c 'import vllm' on the host and fix what it says"
 
 
+def _flag_checks(spec: ClusterSpec, host: HostSpec, install: VllmInstall) -> list[Check]:
+    """The ``vllm`` models' engine arguments on ``host``, judged by the parser of its vLLM
+    (``install``): its own when it is another release than the recorded one, the record otherwise.
+
+    A host whose own parser could not be read is judged by the record, with a warning: a vLLM
+    that keeps its parser elsewhere must not stop every ``up``.
+    """
+    name = host.name
+    recorded = serve_flags().vllm_version
+    own = public_version(install.version) != recorded
+    record = host_serve_flags(replace(host, vllm=install))
+    checks = []
+    for i, model in enumerate(spec.models):
+        if model.kind != "vllm" or all(r.host != name for r in model.replicas):
+            continue
+        try:
+            check_engine_args(model.kind, model.engine_args, flags=record)
+        except SpecError as exc:
+            key = f"models[{i}].{exc.path}"
+            checks.append(
+                _fail(name, "vllm flags", f"{key}: {exc.problem}", f"change or remove {key} in the spec")
+            )
+    if own and install.own_flags is None:
+        checks.append(
+            Check(
+                name,
+                "vllm flags",
+                "warn",
+                f"engine arguments checked against the recorded flags of vLLM {recorded}: the own "
+                f"parser of {install} could not be read ({install.flags_error})",
+                f"see why with {host.engine_python} -m vllm.entrypoints.openai.api_server --help on "
+                f"{name}, or install vLLM {recorded} there (the recorded release)",
+            )
+        )
+    elif not checks:
+        detail = (
+            f"engine arguments checked against vLLM {install.version}'s own parser on {name}"
+            if own
+            else f"engine arguments checked against the recorded flags of vLLM {recorded}"
+        )
+        checks.append(_ok(name, "vllm flags", detail))
+    return checks
+
+
 def judge_host(
     spec: ClusterSpec,
     host: HostSpec,
@@ -157,20 +208,8 @@ def judge_host(
                 )
             else:
                 checks.append(_ok(name, f"vllm ({kind})", f"{vllm} in {python}"))
-            recorded = serve_flags().vllm_version
-            if kind == "vllm" and vllm.version.split("+")[0] != recorded:
-                # Engine arguments are checked against the recorded parser, not this host's own.
-                checks.append(
-                    Check(
-                        name,
-                        "vllm flags",
-                        "warn",
-                        f"engine arguments are checked against the flags of vLLM {recorded}; "
-                        f"this host has {vllm.version}",
-                        f"pin vLLM {recorded} there, or record its flags: {python} "
-                        "scripts/refresh-vllm-flags.py serve",
-                    )
-                )
+            if kind == "vllm" and not vllm.import_error:
+                checks += _flag_checks(spec, host, vllm)
     for model, path in _model_paths(spec, host).items():
         if facts["paths"].get(path):
             checks.append(_ok(name, "model path", f"{model}: {path}"))

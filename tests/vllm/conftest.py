@@ -41,6 +41,12 @@ class VllmFront:
 
 
 @pytest.fixture(scope="session")
+def engine_python(request: pytest.FixtureRequest) -> str:
+    """The tier's vLLM python: ``$AGENT_LLM_VLLM_PYTHON``, else the tier's venv (:func:`vllm_python`)."""
+    return os.environ.get(VLLM_PYTHON_ENV) or str(request.getfixturevalue("vllm_python"))
+
+
+@pytest.fixture(scope="session")
 def vllm_engine(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
 ) -> Iterator[str]:
@@ -53,7 +59,7 @@ def vllm_engine(
     if reuse:
         yield reuse.rstrip("/")
         return
-    python = os.environ.get(VLLM_PYTHON_ENV) or str(request.getfixturevalue("vllm_python"))
+    python = request.getfixturevalue("engine_python")
     port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     argv = [

@@ -9,7 +9,8 @@
   (:func:`check_fastchat_vllm_version` refuses other hosts, with the alternative).
 
 Engine arguments are the spec's ``snake_case`` keys (``max_model_len: 8192``) turned into flags
-and checked against the flags recorded for the vLLM release the project documents
+and checked against the flags recorded for the vLLM release the project documents, or against
+the host's own ``vllm serve`` parser when its vLLM is another release
 (:mod:`deploy.render.vllm.flags`): an unknown flag, a value for a switch or a value outside a flag's
 choices is a :class:`~deploy.errors.SpecError` with path ``engine_args.<key>``, to be prefixed
 with the model's yaml path by the caller. ``false`` for a switch gives its negative form where
@@ -38,6 +39,7 @@ from deploy.render.vllm.flags import (
     FlagRecord,
     engine_flags,
     fastchat_engine_flags,
+    host_serve_flags,
     serve_flags,
 )
 from deploy.render.vllm.versions import (
@@ -70,6 +72,7 @@ __all__ = [
     "engine_flags",
     "fastchat_engine_flags",
     "fastchat_vllm_command",
+    "host_serve_flags",
     "internal_port",
     "parse_install_probe",
     "parse_version_probe",

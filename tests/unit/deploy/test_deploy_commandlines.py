@@ -13,7 +13,7 @@ from deploy_helpers import spec_data
 from deploy.errors import SpecError
 from deploy.render.components import build_components, mask_secrets
 from deploy.spec.load import default_spec_text, parse_cluster_spec
-from deploy.spec.model import ClusterSpec
+from deploy.spec.model import ClusterSpec, VllmInstall
 
 
 def test_components_come_in_start_order(spec: ClusterSpec) -> None:
@@ -140,6 +140,9 @@ def test_fastchat_vllm_kind_turns_remote_code_off_explicitly() -> None:
 @pytest.mark.parametrize("kind", ["vllm", "fastchat-vllm"])
 def test_an_unknown_engine_argument_is_refused_with_its_yaml_path(kind: str) -> None:
     spec = gpu_spec(kind, engine_args={"max_modle_len": 4096})
+    # The vllm kind's flags are judged once the host's vLLM is known (connect probes it).
+    probed = dataclasses.replace(spec.host("local"), vllm=VllmInstall("vllm", "0.32.0"))
+    spec = dataclasses.replace(spec, hosts=(probed,))
     with pytest.raises(SpecError, match=r"s.yaml: models\[0\].engine_args.max_modle_len: "):
         build_components(spec)
 

