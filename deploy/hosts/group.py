@@ -151,7 +151,7 @@ def connect(
         return HostAgent(connector, host.python).home()
 
     # Hosts with a `vllm` replica: the engine's entry point depends on the installed distribution.
-    engine_hosts = {r.host for m in spec.models if m.kind == "vllm" for r in m.replicas}
+    engine_hosts = {h.name for h in spec.hosts if "vllm" in spec.kinds_on(h.name)}
     installs: dict[str, VllmInstall | None] = {}
 
     down: dict[str, DeployError] = {}
