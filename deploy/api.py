@@ -24,6 +24,7 @@ from deploy.hosts.observed import ObservedState
 from deploy.hosts.supervisor import DownResult
 from deploy.lock import cluster_lock
 from deploy.orchestration.admission import admit
+from deploy.orchestration.clientconfig import preload
 from deploy.orchestration.plan import Plan, make_plan
 from deploy.orchestration.slurm import JobView, observe_jobs
 from deploy.orchestration.up import UpResult, run_up
@@ -77,6 +78,8 @@ def up(
     # admission judge these (the planner derives its own, with the key store's digest and
     # admitted hosts, once connect probed them).
     components = build_components(spec)
+    if output_dir is not None:
+        preload()  # the client config step's imports, while hosts answer and models load
     with cluster_lock(spec.name, action="up"), ExitStack() as stack:
         # One connector per host for the whole command: doctor's connections are reused by up.
         opened = stack.enter_context(open_connectors(spec, connectors))
@@ -212,17 +215,41 @@ def watch(
     interval: float | None = None,
     webhook: str | None = None,
     count: int | None = None,
+    resubmit: bool | None = None,
     connectors: Connectors = None,
 ) -> None:
     """Observe the cluster every ``interval`` seconds and report state changes (``watch`` in the spec).
 
-    Runs ``count`` rounds, or until interrupted. ``interval`` and ``webhook`` override the spec's.
+    Runs ``count`` rounds, or until interrupted. ``interval``, ``webhook`` and ``resubmit``
+    override the spec's. Slurm replicas are rows too (their job's state); with ``resubmit``, a
+    replica whose job ended after it served (preempted, timed out, cancelled, node lost) gets a
+    new job in the same round. Not one ``down`` cancelled (it has no job), nor one whose job
+    ended before it served: that would fail again, in a loop; ``up`` shows why.
     """
-    from deploy.health.watch import Watcher
+    from deploy.health.watch import Watcher, timestamp
+    from deploy.orchestration.slurm import submit
+
+    again = resubmit if resubmit is not None else spec.watch.resubmit
 
     with connect(spec, connectors=connectors, allow_down=True) as hosts:
+
+        def observe() -> ClusterStatus:
+            current = cluster_status(hosts)
+            if not hosts.spec.slurm_replicas:
+                return current
+            views = observe_jobs(hosts)
+            ended = [v.name for v in views if v.ended and v.served]
+            if again and ended:
+                try:
+                    for name, job in submit(hosts, only=ended).items():
+                        emit(f"{timestamp()} {name}: its job ended; submitted job {job}")
+                except DeployError as exc:
+                    emit(f"{timestamp()} resubmitting {', '.join(ended)} failed: {exc.message}")
+                views = observe_jobs(hosts)
+            return dataclasses.replace(current, rows=(*current.rows, *(v.status_row() for v in views)))
+
         watcher = Watcher(
-            lambda: cluster_status(hosts),
+            observe,
             interval if interval is not None else spec.watch.interval,
             webhook if webhook is not None else spec.watch.webhook,
             emit,

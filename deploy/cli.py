@@ -228,10 +228,18 @@ def _job_json(j: Any) -> dict[str, Any]:
 @click.option(
     "--count", type=click.IntRange(min=1), help="Stop after this many checks (default: until Ctrl-C)."
 )
-def watch_command(spec: Path | None, interval: float | None, webhook: str | None, count: int | None) -> None:
+@click.option(
+    "--resubmit/--no-resubmit",
+    default=None,
+    help="Submit a new job for a Slurm replica whose job ended after it served (spec: watch.resubmit).",
+)
+def watch_command(
+    spec: Path | None, interval: float | None, webhook: str | None, count: int | None, resubmit: bool | None
+) -> None:
     """Keep checking the cluster; print every component's state change and send it to the webhook.
 
-    An event is JSON: cluster, component, host, old_state, new_state, reason, time.
+    An event is JSON: cluster, component, host, old_state, new_state, reason, time. Slurm
+    replicas are rows too, in their job's state.
     """
     from deploy import api
 
@@ -244,6 +252,7 @@ def watch_command(spec: Path | None, interval: float | None, webhook: str | None
                 interval=interval,
                 webhook=webhook,
                 count=count,
+                resubmit=resubmit,
             )
 
 

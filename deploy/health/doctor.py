@@ -146,9 +146,9 @@ def _probe_host(spec: ClusterSpec, name: str, connector: Connector, components: 
         ours = (*RUNNING_STATES, "BACKOFF")
         running = {p["name"] for p in results[0].get("ok", []) if p.get("statename") in ours}
     vllm = None
-    if any(m.kind != "hf" for m in spec.models for r in m.replicas if r.host == name):
+    kinds = spec.kinds_on(name)
+    if kinds - {"hf"}:
         # fastchat-vllm imports vLLM in the host's python; the vllm kind runs it in vllm_python.
-        kinds = {m.kind for m in spec.models for r in m.replicas if r.host == name}
         probed = host if "vllm" in kinds else replace(host, vllm_python=None)
         vllm = probe_vllm(connector, probed, import_check=True, own_flags="vllm" in kinds)
     checks += judge_host(
@@ -257,5 +257,5 @@ def run_doctor(
     if spec.slurm_replicas:
         from deploy.health.slurm_checks import slurm_checks
 
-        checks += slurm_checks(spec, connectors, down)
+        checks += slurm_checks(spec, connectors, down, probes[spec.controller.host].free_ports)
     return DoctorReport(tuple(checks), down, probes)

@@ -83,10 +83,6 @@ def needs_gpus(spec: ClusterSpec, host: str) -> bool:
     return any(m.device == "cuda" for m in spec.models for r in m.replicas if r.host == host)
 
 
-def _kinds(spec: ClusterSpec, host: str) -> set[str]:
-    return {m.kind for m in spec.models for r in m.replicas if r.host == host}
-
-
 def _model_paths(spec: ClusterSpec, host: HostSpec) -> dict[str, str]:
     """Model name -> path on ``host`` (models built on demand, ``source: tiny``, are left out)."""
     return {
@@ -99,7 +95,7 @@ def _model_paths(spec: ClusterSpec, host: HostSpec) -> dict[str, str]:
 def facts_request(spec: ClusterSpec, host: HostSpec, components: Sequence[Component]) -> dict[str, Any]:
     """The ``facts`` operation asking ``host`` everything its checks need."""
     dists = ["fschat", "agent-llm", "supervisor"]
-    if "hf" in _kinds(spec, host.name):
+    if "hf" in spec.kinds_on(host.name):
         dists += ["transformers", "torch"]
     return {
         "op": "facts",
@@ -186,7 +182,7 @@ def judge_host(
     name = host.name
     checks = [_ok(name, "python", f"{facts['executable']} (Python {facts['python']})")]
     checks.append(_packages(spec, host, facts["versions"], local_version))
-    kinds = _kinds(spec, name)
+    kinds = spec.kinds_on(name)
     for kind, check in (("vllm", check_vllm_serve_version), ("fastchat-vllm", check_fastchat_vllm_version)):
         if kind in kinds:
             python = host.engine_python if kind == "vllm" else host.python

@@ -7,22 +7,36 @@ Run on each ``connect: slurm`` host through its connector, with the host's ``slu
 - ``slurm job accepted``: ``sbatch --test-only`` with the replica's partition, account, QoS,
   GRES, time and node list (Slurm's own verdict, nothing submitted);
 - ``slurm model path``: the model directory is visible from the login node (the nodes must
-  share it: weights on shared storage).
+  share it: weights on shared storage);
+- ``slurm nodes reach controller``: a one-task step (``srun --immediate``, the replica's
+  partition, account, QoS and node list, no GRES: it needs no GPU) runs the host agent from the
+  shared ``python`` on a compute node and connects to the controller's address and port; when
+  the controller is not running yet, a stand-in listener takes its port for the check (as
+  doctor's other reachability rows do). So it proves the nodes see the shared runtime and
+  reach the controller. A partition with no node free within :data:`REACH_IMMEDIATE` seconds
+  is a warning, not a failure (the jobs may still wait for resources).
 
-Whether the compute nodes reach the controller shows when a job registers (``up`` reports a
-job that ends or never registers with its log's last lines).
+A job checks the route itself too: it ends at once, saying so, when its node cannot reach the
+controller (``up`` shows its log's last lines).
 """
 
 from __future__ import annotations
 
+import json
+import urllib.parse
 from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from deploy.health.doctor_rules import Check
 from deploy.hosts.agent import HostAgent
 from deploy.hosts.connector import CommandResult, Connector
-from deploy.spec.model import ClusterSpec, SlurmSpec
+from deploy.render.components import controller_url
+from deploy.spec.model import ClusterSpec, HostSpec, SlurmSpec
 
-__all__ = ["sbatch_test_options", "slurm_checks"]
+__all__ = ["REACH_IMMEDIATE", "sbatch_test_options", "slurm_checks"]
+
+REACH_IMMEDIATE = 15  # seconds srun waits for a node before the check says none was free
+REACH_CONNECT = 10.0
 
 
 def sbatch_test_options(s: SlurmSpec) -> list[str]:
@@ -38,9 +52,16 @@ def _run(connector: Connector, s: SlurmSpec | None, argv: Sequence[str]) -> Comm
 
 
 def slurm_checks(
-    spec: ClusterSpec, connectors: Mapping[str, Connector], down: Collection[str] = ()
+    spec: ClusterSpec,
+    connectors: Mapping[str, Connector],
+    down: Collection[str] = (),
+    free_ports: Collection[tuple[str, int]] = (),
 ) -> list[Check]:
-    """Every Slurm row, for the login hosts that answered."""
+    """Every Slurm row, for the login hosts that answered.
+
+    ``free_ports``: the (address, port) pairs the controller's host found free (the controller
+    is not running: a stand-in listener answers the nodes' connections).
+    """
     checks: list[Check] = []
     logins = [h for h in spec.hosts if h.slurm is not None and h.name not in down]
     for host in logins:
@@ -80,4 +101,103 @@ def slurm_checks(
             else:
                 fix = "weights must be on storage the login node and the compute nodes share"
                 checks.append(Check(host.name, "slurm model path", "fail", f"{path}: no config.json", fix))
+    if spec.controller.host not in down:
+        checks += _reach_checks(
+            spec, connectors, [h for h in logins if _commands_ok(checks, h.name)], free_ports
+        )
     return checks
+
+
+def _commands_ok(checks: Sequence[Check], host: str) -> bool:
+    return any(c.host == host and c.name == "slurm commands" and c.status == "ok" for c in checks)
+
+
+def _step_options(s: SlurmSpec) -> list[str]:
+    given = {"partition": s.partition, "account": s.account, "qos": s.qos, "nodelist": s.nodes}
+    return [f"--{flag}={value}" for flag, value in given.items() if value]
+
+
+def _reach_checks(
+    spec: ClusterSpec,
+    connectors: Mapping[str, Connector],
+    logins: Sequence[HostSpec],
+    free_ports: Collection[tuple[str, int]],
+) -> list[Check]:
+    """``slurm nodes reach controller``: one step per distinct partition/account/QoS/node list."""
+    target = urllib.parse.urlsplit(controller_url(spec))
+    address, port = target.hostname or "", target.port or 0
+    steps = list(
+        dict.fromkeys(
+            (h, tuple(_step_options(r.slurm)))
+            for h in logins
+            for _m, _i, r in spec.slurm_replicas
+            if r.host == h.name
+        )
+    )
+    if not steps:
+        return []
+    request = json.dumps({"ops": [{"op": "connect", "address": address, "port": port,
+                                   "timeout": REACH_CONNECT, "retry_refused": True}]})  # fmt: skip
+
+    def step(login: HostSpec, options: tuple[str, ...]) -> CommandResult:
+        argv = ["srun", f"--immediate={REACH_IMMEDIATE}", "--nodes=1", "--ntasks=1", "--time=2"]
+        argv += [
+            f"--job-name=llmd-{spec.name}-doctor",
+            *options,
+            login.python,
+            "-m",
+            "deploy.runtime.hostagent",
+        ]
+        env = dict(login.slurm.env) if login.slurm else {}
+        return connectors[login.name].run(
+            argv, stdin=request.encode(), env=env or None, timeout=REACH_IMMEDIATE + REACH_CONNECT + 60
+        )
+
+    stand_in = (spec.controller.bind, spec.controller.port) in set(free_ports)
+    with ThreadPoolExecutor(max_workers=len(steps) + 1) as pool:
+        listener = None
+        if stand_in:
+            head = HostAgent(connectors[spec.controller.host], spec.head.python)
+            listen = {"op": "listen", "sockets": [[spec.controller.bind, spec.controller.port]],
+                      "seconds": REACH_IMMEDIATE + REACH_CONNECT + 30, "expect": len(steps)}  # fmt: skip
+            listener = pool.submit(head.one, listen, timeout=REACH_IMMEDIATE + REACH_CONNECT + 60)
+        results = [pool.submit(step, login, options) for login, options in steps]
+        done = [f.result() for f in results]
+        if listener is not None:
+            listener.exception()
+    checks = []
+    for (login, options), result in zip(steps, done, strict=True):
+        where = " ".join(options) or "the default partition"
+        answer = _connect_answer(result)
+        if answer is not None and answer.get("ok"):
+            detail = f"a node of {where} connected to the controller {address}:{port}"
+            checks.append(Check(login.name, "slurm nodes reach controller", "ok", detail))
+        elif answer is not None:
+            fix = (
+                f"the compute nodes must reach {address}:{port} (hosts.{spec.controller.host}.address, "
+                "controller.bind; a firewall between the nodes and the head?)"
+            )
+            problem = f"from a node of {where}: {address}:{port} {answer.get('error') or 'unreachable'}"
+            checks.append(Check(login.name, "slurm nodes reach controller", "fail", problem, fix))
+        elif "Unable to allocate resources" in result.stderr or "immediate" in result.stderr.lower():
+            detail = f"not checked: no node of {where} free within {REACH_IMMEDIATE} s"
+            checks.append(Check(login.name, "slurm nodes reach controller", "warn", detail, ""))
+        else:
+            fix = (
+                f"hosts.{login.name}.python must be on storage the compute nodes share, with agent-llm "
+                "installed (the jobs run it)"
+            )
+            problem = f"the check's step on {where} failed (exit {result.exit_code}): {result.tail(2)}"
+            checks.append(Check(login.name, "slurm nodes reach controller", "fail", problem, fix))
+    return checks
+
+
+def _connect_answer(result: CommandResult) -> dict[str, object] | None:
+    if not result.ok:
+        return None
+    try:
+        answers = json.loads(result.stdout)
+    except ValueError:
+        return None
+    first = answers[0] if isinstance(answers, list) and answers else None
+    return first if isinstance(first, dict) else None

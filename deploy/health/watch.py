@@ -27,7 +27,7 @@ from deploy.health.status import ClusterStatus, ComponentStatus
 from deploy.hosts.observed import RUNNING_STATES
 from deploy.security.keystore import mask_known
 
-__all__ = ["StateChange", "Watcher", "changes", "post_webhook", "watch_state"]
+__all__ = ["StateChange", "Watcher", "changes", "post_webhook", "timestamp", "watch_state"]
 
 UNKNOWN = "UNKNOWN"
 WEBHOOK_TIMEOUT = 10.0
@@ -59,13 +59,14 @@ def watch_state(row: ComponentStatus) -> str:
     return "UNHEALTHY" if row.state in RUNNING_STATES else row.state
 
 
-def _now() -> str:
+def timestamp() -> str:
+    """Now, as every watch line starts: ISO 8601, UTC, seconds."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def changes(old: ClusterStatus | None, new: ClusterStatus, *, at: str | None = None) -> list[StateChange]:
     """The state changes from ``old`` to ``new`` (``old`` None: the unhealthy components of ``new``)."""
-    at = at or _now()
+    at = at or timestamp()
     before = {(r.component, r.host): watch_state(r) for r in old.rows} if old is not None else {}
     out = []
     for row in new.rows:
@@ -132,7 +133,7 @@ class Watcher:
         try:
             current = self.observe()
         except DeployError as exc:
-            self.emit(f"{_now()} cannot observe the cluster: {mask_known(str(exc)).splitlines()[0]}")
+            self.emit(f"{timestamp()} cannot observe the cluster: {mask_known(str(exc)).splitlines()[0]}")
             return []
         found = [replace(c, reason=mask_known(c.reason)) for c in changes(self.last, current)]
         self.last = current
@@ -149,7 +150,7 @@ class Watcher:
             error = post_webhook(webhook, change)
             if error is not None:
                 self.emit(
-                    f"{_now()} webhook {webhook} failed: {error}; "
+                    f"{timestamp()} webhook {webhook} failed: {error}; "
                     f"{len(events) - i} event(s) kept for the next round"
                 )
                 self.undelivered = events[i:][-MAX_UNDELIVERED:]

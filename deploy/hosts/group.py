@@ -168,9 +168,10 @@ def connect(
             return host.home
         return HostAgent(connector, host.python).home()
 
-    # Hosts with a `vllm` replica: the engine's entry point depends on the installed distribution,
-    # and its engine arguments are judged by its own parser when it is another release.
-    engine_hosts = {r.host for m in spec.models if m.kind == "vllm" for r in m.replicas}
+    # Hosts with a `vllm` replica (a Slurm login host's jobs too): the engine's entry point depends
+    # on the installed distribution, and its engine arguments are judged by its own parser when it
+    # is another release.
+    engine_hosts = {h.name for h in spec.hosts if "vllm" in spec.kinds_on(h.name)}
     installs: dict[str, VllmInstall | None] = {}
 
     down: dict[str, DeployError] = {}

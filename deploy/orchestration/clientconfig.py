@@ -18,11 +18,13 @@ leaves the previous files untouched.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from deploy.errors import ClientConfigError
 __all__ = [
     "ClientConfig",
     "ServedModel",
+    "preload",
     "render_fschat_yaml",
     "render_model_yaml",
     "update_env",
@@ -163,6 +166,23 @@ def update_env(existing: str | None, name: str, value: str) -> str:
 
 
 Verifier = Callable[[Path, ServedModel, "str | None"], None]
+
+
+def _import_backend() -> None:
+    try:
+        for module in ("hydra", "hydra.utils", BACKEND_TARGET.rsplit(".", 1)[0]):
+            importlib.import_module(module)  # as Hydra's instantiate of the config's _target_ does
+    except Exception:  # noqa: S110 (the verification imports them again and says what failed)
+        pass
+
+
+def preload() -> threading.Thread:
+    """Import what :func:`verify_with_backend` needs (Hydra, the backend, openai: ~1 s of CPU) in a
+    background thread, while ``up`` waits for hosts and model loads; the verification then finds
+    them imported (or waits on Python's import lock for the rest)."""
+    thread = threading.Thread(target=_import_backend, name="client-config-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def verify_with_backend(configs_root: Path, model: ServedModel, api_key: str | None) -> None:

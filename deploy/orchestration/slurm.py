@@ -3,8 +3,9 @@
 A replica on a ``connect: slurm`` host is one batch job submitted from that login node. Its
 lifecycle, driven by ``up`` and ``down``:
 
-- ``prepare`` (before the controller starts): a 0600 registration secret per replica on the
-  login node's shared state dir (kept across jobs), its digest in the controller's tokens file;
+- ``prepare`` (before the controller starts): every batch script rendered (its engine arguments
+  checked), a 0600 registration secret per replica on the login node's shared state dir (kept
+  across jobs), its digest in the controller's tokens file;
 - ``submit``: a replica whose recorded job is missing or ended gets a new job (``sbatch``); its
   id is recorded in the replica's ``.job`` record;
 - ``wait_serving``: live progress through ``PENDING`` (with Slurm's reason) to ``RUNNING``, then
@@ -18,10 +19,11 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from deploy.errors import ComponentFailed, DeployError
+from deploy.health.status import ComponentStatus
 from deploy.hosts.connector import CommandResult
 from deploy.hosts.group import Hosts, on_hosts
 from deploy.polling import DeadlineExceeded, poll_until
@@ -64,11 +66,25 @@ class JobView:
     job_id: str | None
     info: JobInfo | None
     url: str | None  # from the job's .url record, only when it is this job's
+    served: bool = False  # the record says the controller took this job's worker
 
     @property
     def live(self) -> bool:
         """Whether the recorded job is queued or running (not ending, ended, or forgotten by Slurm)."""
         return self.info is not None and not self.info.ended and self.info.state != "COMPLETING"
+
+    @property
+    def ended(self) -> bool:
+        """Whether the recorded job will not serve again (ended, or forgotten by Slurm): a
+        replacement is due. A replica with no recorded job (never submitted, or cancelled by
+        ``down``) is not ended."""
+        return self.job_id is not None and not self.live
+
+    def status_row(self) -> ComponentStatus:
+        """The job as a ``watch`` row: healthy while it runs at a recorded URL, else its state."""
+        state = "NO JOB" if self.job_id is None else (self.info.state if self.info else "GONE")
+        healthy = state == "RUNNING" and self.url is not None
+        return ComponentStatus(self.name, self.host, self.url or "", state, healthy, reason=self.describe())
 
     def describe(self) -> str:
         """``job 12 RUNNING on w1, 0:59:10 left, http://10.0.0.3:41234``."""
@@ -155,6 +171,8 @@ def prepare(hosts: Hosts) -> int:
     replicas = _replicas(spec)
     if not replicas:
         return 0
+    for r in replicas:  # a bad engine argument stops up here, before the controller starts
+        batch_script(spec, r.model, r.index, r.spec)
     digests: list[str] = []
 
     def on_login(host: str) -> list[str]:
@@ -201,7 +219,7 @@ def observe_jobs(hosts: Hosts) -> list[JobView]:
         views = []
         for r in mine:
             job = records.get(r.name)
-            url = None
+            url, served = None, False
             if job is not None:
                 text = hosts.agents[host].read(r.files.url)
                 try:
@@ -210,16 +228,17 @@ def observe_jobs(hosts: Hosts) -> list[JobView]:
                     record = {}
                 if isinstance(record, dict) and str(record.get("job_id")) == job:
                     url = str(record.get("url") or "") or None
-            views.append(JobView(r.name, host, r.model.name, job, infos.get(job or ""), url))
+                    served = record.get("registered") is True
+            views.append(JobView(r.name, host, r.model.name, job, infos.get(job or ""), url, served))
         return views
 
     return [v for views in on_hosts("slurm jobs", _logins(spec), on_login).values() for v in views]
 
 
-def submit(hosts: Hosts) -> dict[str, str]:
+def submit(hosts: Hosts, only: Collection[str] | None = None) -> dict[str, str]:
     """Submit a job for every Slurm replica whose recorded job is missing or ended.
 
-    Returns replica name -> the new job id.
+    ``only``: just these replicas (by name). Returns replica name -> the new job id.
 
     Raises:
         PhaseFailed: sbatch refused a job (its message, with the login host's outcome).
@@ -230,7 +249,7 @@ def submit(hosts: Hosts) -> dict[str, str]:
 
     def on_login(host: str) -> dict[str, str]:
         submitted: dict[str, str] = {}
-        for view in (v for v in views if v.host == host and not v.live):
+        for view in (v for v in views if v.host == host and not v.live and (only is None or v.name in only)):
             r = replicas[view.name]
             script = batch_script(spec, r.model, r.index, r.spec)
             hosts.connectors[host].put(script.encode(), r.files.script, mode=0o600)

@@ -11,12 +11,14 @@ once). ``down`` cancels exactly the recorded ids, never by name.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from deploy.render.components import _MODEL_WORKER_RESERVED, controller_url, host_paths
-from deploy.render.vllm.flags import engine_flags, model_worker_flags, pairs
+from deploy.render.vllm.argv import bridge_model_args, vllm_serve_command
+from deploy.render.vllm.flags import engine_flags, host_serve_flags, model_worker_flags, pairs
 from deploy.spec.model import ClusterSpec, HostSpec, ModelSpec, SlurmReplicaSpec
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "JobInfo",
     "SlurmFiles",
     "batch_script",
+    "gres_gpus",
     "job_files",
     "parse_job_id",
     "parse_squeue",
@@ -107,10 +110,59 @@ def _sbatch_options(spec: ClusterSpec, replica: SlurmReplicaSpec, name: str, fil
     return [*options, *s.extra]
 
 
+def gres_gpus(gres: str | None) -> int:
+    """How many GPUs a ``--gres`` asks for: ``gpu:a100:2,nvme:1`` -> 2, ``gpu`` -> 1, none -> 0."""
+    for item in (gres or "").split(","):
+        name, *rest = item.strip().split(":")
+        if name == "gpu":
+            count = rest[-1] if rest else "1"
+            return int(count) if re.fullmatch(r"\d+", count) else 1
+    return 0
+
+
+def _hf_worker(spec: ClusterSpec, model: ModelSpec, host: HostSpec, files: SlurmFiles) -> list[str]:
+    return [
+        *("--model-path", host.path(model.path), "--model-names", model.name),
+        *("--conv-template", model.conv_template, "--device", model.device),
+        *("--heartbeat-interval", str(spec.controller.heartbeat_interval)),
+        *("--allowed-clients-file", files.allowed_clients),
+        # Checked like a supervised hf worker's (the same reserved keys, the same recorded flags).
+        *engine_flags(pairs(model.engine_args), model_worker_flags(), _MODEL_WORKER_RESERVED),
+    ]
+
+
+def _vllm_engine(
+    model: ModelSpec, host: HostSpec, replica: SlurmReplicaSpec
+) -> tuple[list[str], dict[str, str]]:
+    """``vllm serve`` for the job (its ``--port`` is picked on the node) and the environment it adds."""
+    args = dict(pairs(model.engine_args))
+    gpus = gres_gpus(replica.slurm.gres)
+    if gpus > 1 and "tensor_parallel_size" not in args and model.device != "cpu":
+        pipeline = args.get("pipeline_parallel_size", 1)
+        args["tensor_parallel_size"] = max(gpus // pipeline, 1) if isinstance(pipeline, int) else 1
+    serve = vllm_serve_command(
+        python=host.engine_python,
+        model_path=host.path(model.path),
+        served_name=model.name,
+        port=0,  # replaced by the job with a free loopback port
+        engine_args=args,
+        gpus=None,  # Slurm sets CUDA_VISIBLE_DEVICES from the job's gres
+        distribution=host.vllm.distribution if host.vllm else None,
+        device=model.device,
+        tool_call_parser=model.tool_call_parser,
+        # The login host's vLLM is the nodes' (shared storage): judged by its parser once probed.
+        flags=host_serve_flags(host),
+        provisional=host.vllm is None,
+    )
+    return list(serve.argv), dict(serve.env)
+
+
 def batch_script(spec: ClusterSpec, model: ModelSpec, index: int, replica: SlurmReplicaSpec) -> str:
     """The batch script of Slurm replica ``index`` of ``model``: holds paths, never the secret.
 
-    The script ``exec``s the worker, so Slurm's batch signals (``--signal=B:USR1``) reach it.
+    The script ``exec``s the job's main process, so Slurm's batch signals (``--signal=B:USR1``)
+    reach it. The ``hf`` kind runs FastChat's worker; the ``vllm`` kind runs ``vllm serve`` on
+    the node's loopback and the bridge worker in front of it.
     """
     host = spec.host(replica.host)
     name = replica_name(model, index)
@@ -121,23 +173,27 @@ def batch_script(spec: ClusterSpec, model: ModelSpec, index: int, replica: Slurm
         "LLM_DEPLOY_COMPONENT": name,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        **dict(model.env),  # a model's env overrides our defaults
     }
-    worker = [
-        *("--model-path", host.path(model.path), "--model-names", model.name),
-        *("--conv-template", model.conv_template, "--device", model.device),
-        *("--heartbeat-interval", str(spec.controller.heartbeat_interval)),
-        *("--allowed-clients-file", files.allowed_clients),
-        # Checked like a supervised hf worker's (the same reserved keys, the same recorded flags).
-        *engine_flags(pairs(model.engine_args), model_worker_flags(), _MODEL_WORKER_RESERVED),
-    ]
+    job_options: list[str] = []
+    if model.kind == "vllm":
+        engine, engine_env = _vllm_engine(model, host, replica)
+        env |= engine_env
+        job_options = ["--engine-argv", json.dumps(engine)]
+        worker = bridge_model_args(
+            model_name=model.name, conv_template=model.conv_template,
+            heartbeat_interval=spec.controller.heartbeat_interval, allowed_clients_file=files.allowed_clients,
+            model_path=host.path(model.path) if model.path.startswith(("/", "~")) else None,
+        )  # fmt: skip
+    else:
+        worker = _hf_worker(spec, model, host, files)
+    env |= dict(model.env)  # a model's env overrides our defaults
     # The replacement gets most of the grace to start; the rest is for draining.
     wait = max(5, replica.slurm.signal_grace - 30)
     command = [
         host.python, "-m", "deploy.runtime.slurm_job",
         "--controller-address", controller_url(spec), "--url-file", files.url,
         "--registration-secret-file", files.secret, "--resubmit-script", files.script,
-        "--job-file", files.job, "--drain-wait", str(wait), "--", *worker,
+        "--job-file", files.job, "--drain-wait", str(wait), *job_options, "--", *worker,
     ]  # fmt: skip
     lines = ["#!/bin/bash", *(f"#SBATCH {o}" for o in _sbatch_options(spec, replica, name, files))]
     lines.append(f"# llm-deploy: cluster {spec.name}, replica {name} of model {model.name} (written by up)")

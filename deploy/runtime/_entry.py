@@ -21,12 +21,24 @@ import os
 import socket
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from deploy.runtime.errors import PortUnavailable
 
-__all__ = ["QueryStringFilter", "check_port_free", "fail", "positive_int", "prepare_environment", "serve"]
+__all__ = [
+    "BEFORE_EXIT",
+    "QueryStringFilter",
+    "check_port_free",
+    "fail",
+    "positive_int",
+    "prepare_environment",
+    "serve",
+]
+
+# Called, in order, before the process ends by :func:`fail` or :func:`serve` (``os._exit``
+# skips ``finally`` and ``atexit``): what the process started, it stops here.
+BEFORE_EXIT: list[Callable[[], None]] = []
 
 EXIT_FAILURE = 1
 GRACEFUL_SHUTDOWN_SECONDS = 5
@@ -162,6 +174,11 @@ def serve(app: Any, *, component: str, host: str, port: int, **uvicorn_options: 
 
 
 def _exit(code: int) -> NoReturn:
+    for hook in BEFORE_EXIT:
+        try:
+            hook()
+        except Exception:  # the exit must happen; say why the hook failed
+            traceback.print_exc(file=sys.__stderr__)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         if stream is not None:

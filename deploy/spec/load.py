@@ -411,8 +411,10 @@ def _model(
     if found is None or engine_args is None:
         return None
     replicas, slurm_replicas = found
-    if slurm_replicas and kind != "hf":
-        raise node.error(f"Slurm replicas run the hf kind only for now, not {kind!r} (docs/slurm.md)", "kind")
+    if slurm_replicas and kind == "fastchat-vllm":
+        # FastChat's vllm_worker cannot register with a secret; the vllm kind serves vLLM on Slurm.
+        problem = "Slurm replicas run the hf and vllm kinds, not fastchat-vllm (docs/slurm.md)"
+        raise node.error(problem, "kind")
     if all(hosts[h].is_local for h in [*(r.host for r in replicas), *(r.host for r in slurm_replicas)]):
         path = os.path.expanduser(path)
     spec = ModelSpec(
@@ -574,7 +576,8 @@ def _watch(node: Node) -> WatchSpec:
     webhook = node.get("webhook", str, None)
     if webhook is not None and not webhook.startswith(("http://", "https://")):
         raise node.error(f"must be an http:// or https:// URL (got {webhook!r})", "webhook")
-    spec = WatchSpec(_positive(node, "interval", WatchSpec.interval), webhook)
+    resubmit = node.get("resubmit", bool, False)
+    spec = WatchSpec(_positive(node, "interval", WatchSpec.interval), webhook, resubmit)
     node.done()
     return spec
 

@@ -291,10 +291,12 @@ class HealthSpec:
 
 @dataclass(frozen=True)
 class WatchSpec:
-    """``llm-deploy watch``: how often to look, and where to send state changes."""
+    """``llm-deploy watch``: how often to look, where to send state changes, and whether to
+    submit a new job for a Slurm replica whose job ended (``resubmit``)."""
 
     interval: float = 10.0
     webhook: str | None = None
+    resubmit: bool = False
 
 
 @dataclass(frozen=True)
@@ -325,6 +327,12 @@ class ClusterSpec:
     def slurm_replicas(self) -> tuple[tuple[ModelSpec, int, SlurmReplicaSpec], ...]:
         """Every Slurm replica as (model, index among the model's Slurm replicas, replica)."""
         return tuple((m, i, r) for m in self.models for i, r in enumerate(m.slurm_replicas))
+
+    def kinds_on(self, host: str) -> set[str]:
+        """The worker kinds of the replicas on ``host``: its supervised ones and, for a Slurm
+        login host, its jobs' (they run the login host's ``python`` and ``vllm_python``)."""
+        kinds = {m.kind for m in self.models for r in m.replicas if r.host == host}
+        return kinds | {m.kind for m, _i, r in self.slurm_replicas if r.host == host}
 
     @property
     def head(self) -> HostSpec:

@@ -82,9 +82,18 @@ def python_wrapper(root: Path) -> Path:
     return wrapper
 
 
-def write_slurm_cluster(bed: SlurmBed, root: Path, model: Path, *, name: str) -> SlurmDeploy:
+def write_slurm_cluster(
+    bed: SlurmBed,
+    root: Path,
+    model: Path,
+    *,
+    name: str,
+    model_fields: dict[str, Any] | None = None,
+    login_fields: dict[str, Any] | None = None,
+) -> SlurmDeploy:
     """Controller and API server on ``head`` (SSH); ``login`` is Slurm's login node (``head`` over
-    SSH); one ``hf`` replica of the tiny model as a job on each of ``w1`` and ``w2``."""
+    SSH); one ``hf`` replica of the tiny model as a job on each of ``w1`` and ``w2``, unless
+    ``model_fields`` (merged into the model) and ``login_fields`` (into the login host) say otherwise."""
     root.mkdir(parents=True, exist_ok=True)
     python = str(python_wrapper(root))
     t = bed.hosts
@@ -117,6 +126,8 @@ def write_slurm_cluster(bed: SlurmBed, root: Path, model: Path, *, name: str) ->
         "supervision": {"stop_grace": 5, "start_secs": 3, "start_retries": 0},
         "health": {"active_check_interval": 1, "active_check_timeout": 20},
     }  # fmt: skip
+    spec["models"][0].update(model_fields or {})
+    spec["hosts"]["login"].update(login_fields or {})
     path = root / "cluster.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return SlurmDeploy(path, root, root / "out", bed, name)

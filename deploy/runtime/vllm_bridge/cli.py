@@ -7,6 +7,7 @@ Usage::
         [--heartbeat-interval SECONDS (default 5)] [--limit-worker-concurrency N (default 1024)]
         [--allowed-clients-file PATH] [--upstream-model NAME] [--context-length N]
         [--model-path DIR (the model vLLM serves: its vocabulary size checks stop token ids)]
+        [--registration-secret-file PATH (0600; for a URL the controller cannot list: Slurm jobs)]
 
 The upstream's API key, if it has one (``vllm serve --api-key``), comes from ``$VLLM_API_KEY``,
 the variable vLLM itself reads, never from argv. Like the other runtime entry points: a taken
@@ -29,6 +30,7 @@ from typing import Any
 from deploy.runtime._entry import check_port_free, fail, positive_int, prepare_environment, serve
 from deploy.runtime.allowlist import ClientAllowlist
 from deploy.runtime.errors import StartupError
+from deploy.runtime.registration import read_secret
 
 __all__ = ["API_KEY_ENV", "build_parser", "conv_template", "main"]
 
@@ -90,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the model directory vLLM serves: template stop token ids outside its vocabulary are dropped",
     )
+    parser.add_argument(
+        "--registration-secret-file",
+        type=Path,
+        metavar="PATH",
+        help="a 0600 file whose secret is sent with every registration (a Slurm job's URL is not listed)",
+    )
     return parser
 
 
@@ -129,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         check_port_free(args.host, args.port)
         allowlist = ClientAllowlist.load(args.allowed_clients_file) if args.allowed_clients_file else None
+        secret = read_secret(args.registration_secret_file) if args.registration_secret_file else None
     except StartupError as exc:
         fail(COMPONENT, str(exc))
     conv = dict(_load_template(args.conv_template))
@@ -166,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         heartbeat_interval=args.heartbeat_interval,
         limit_worker_concurrency=args.limit_worker_concurrency,
         vocab_size=vocab,
+        registration_secret=secret,
     )
     upstream = Upstream(args.upstream, api_key=os.environ.get(API_KEY_ENV) or None)
     worker = BridgeWorker(settings, upstream, on_refused=lambda message: fail(COMPONENT, message))

@@ -5,6 +5,12 @@ the worker's status and ``check_heart_beat: true``, then ``/receive_heart_beat``
 length; an answer ``exist: false`` (controller restarted, or it expired us) means register
 again. One addition: :meth:`ControllerLink.withdraw` registers with no model names, which stops
 the controller routing to the bridge at once, instead of after its heartbeat expiration.
+
+A bridge whose URL the controller cannot list in advance (a Slurm job) sends its registration
+secret in :data:`~deploy.runtime.allowlist.REGISTRATION_HEADER` with every registration, does
+not register again once :data:`~deploy.runtime.registration.DRAINING` is set (the job leaves
+rotation to stop), and calls the :data:`~deploy.runtime.registration.ON_REGISTERED` hooks after
+each accepted registration, as the ``hf`` worker does.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
+
+from deploy.runtime.allowlist import REGISTRATION_HEADER
+from deploy.runtime.registration import DRAINING, ON_REGISTERED
 
 __all__ = ["CONTROLLER_TIMEOUT", "ControllerLink"]
 
@@ -30,6 +39,7 @@ class ControllerLink:
         worker_address: This bridge's URL as the controller reaches it.
         model_names: The names registered while serving.
         on_refused: Called with one line when the controller answers 403 (allowlist).
+        registration_secret: Sent with every registration (workers the allowlist cannot name).
         transport: An httpx transport (tests).
     """
 
@@ -40,6 +50,7 @@ class ControllerLink:
         model_names: Sequence[str],
         *,
         on_refused: Callable[[str], None],
+        registration_secret: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.controller_address = controller_address
@@ -47,6 +58,7 @@ class ControllerLink:
         self.model_names = list(model_names)
         self.registered = False
         self._on_refused = on_refused
+        self._headers = {REGISTRATION_HEADER: registration_secret} if registration_secret else {}
         self._client = httpx.AsyncClient(
             base_url=controller_address, timeout=CONTROLLER_TIMEOUT, transport=transport
         )
@@ -81,6 +93,9 @@ class ControllerLink:
             logger.warning("vllm bridge: stopped advertising %s: %s", ", ".join(self.model_names), reason)
 
     async def _register(self, model_names: Sequence[str], queue_length: int) -> bool:
+        if DRAINING.is_set():  # out of rotation to stop: neither register again nor withdraw
+            self.registered = False
+            return False
         status: Mapping[str, Any] = {
             "model_names": list(model_names),
             "speed": 1,
@@ -93,7 +108,7 @@ class ControllerLink:
             "multimodal": False,
         }
         try:
-            response = await self._client.post("/register_worker", json=body)
+            response = await self._client.post("/register_worker", json=body, headers=self._headers)
         except httpx.HTTPError as exc:
             self._problem(f"cannot reach the controller {self.controller_address}: {exc}")
             return False
@@ -115,6 +130,8 @@ class ControllerLink:
                 self.controller_address,
                 self.worker_address,
             )
+            for hook in ON_REGISTERED:
+                hook()
         return True
 
     def _problem(self, message: str) -> None:

@@ -4,7 +4,8 @@ One :class:`BridgeWorker` per process. Its :meth:`~BridgeWorker.run` loop, every
 interval, checks vLLM's ``/health`` and then heartbeats to the controller:
 
 - **starting**: vLLM not answering yet (it binds its port only after loading the model). The
-  bridge serves HTTP, answers ``GET /health`` with 503 and why, and does not register.
+  bridge serves HTTP, answers ``GET /health`` with 503 and why, and does not register. It
+  checks every :data:`NOT_READY_POLL` seconds (not the heartbeat interval) until vLLM is ready.
 - **ready**: ``/health`` answers, the model is listed in ``/v1/models``, its context length
   is known and a 1-token generation worked. Then the bridge registers and heartbeats.
 - **unhealthy**: a check or a request found vLLM gone. The bridge re-registers with no model
@@ -22,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
@@ -44,6 +45,7 @@ __all__ = ["BridgeSettings", "BridgeWorker", "pick_served_model"]
 logger = logging.getLogger(__name__)
 
 PROBE_PROMPT = "Hello"
+NOT_READY_POLL = 0.5  # seconds between checks of a vLLM that is not ready (starting, or gone)
 State = Literal["starting", "ready", "unhealthy"]
 
 
@@ -62,6 +64,7 @@ class BridgeSettings:
         heartbeat_interval: Seconds between health checks and heartbeats.
         limit_worker_concurrency: Requests sent upstream at once; more wait in the bridge.
         vocab_size: The model's vocabulary size, when known (stop token ids outside it are dropped).
+        registration_secret: Sent with every registration (a Slurm job's; never in a repr).
     """
 
     model_names: tuple[str, ...]
@@ -73,6 +76,7 @@ class BridgeSettings:
     heartbeat_interval: float = 5.0
     limit_worker_concurrency: int = 1024
     vocab_size: int | None = None
+    registration_secret: str | None = field(default=None, repr=False)
 
 
 def pick_served_model(served: Mapping[str, int | None], settings: BridgeSettings) -> str:
@@ -140,6 +144,7 @@ class BridgeWorker:
                 settings.worker_address,
                 settings.model_names,
                 on_refused=on_refused,
+                registration_secret=settings.registration_secret,
                 transport=controller_transport,
             )
             if settings.controller_address
@@ -168,8 +173,13 @@ class BridgeWorker:
             except Exception:
                 logger.exception("vllm bridge: the periodic check failed; trying again next interval")
             self._wake.clear()
+            # Not ready: look again soon, so the bridge serves within a moment of vLLM (up to a
+            # heartbeat interval later otherwise); a refused connection costs nothing.
+            interval = self.settings.heartbeat_interval
+            if not self.ready:
+                interval = min(interval, NOT_READY_POLL)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.heartbeat_interval)
+                await asyncio.wait_for(self._wake.wait(), interval)
 
     async def tick(self) -> None:
         """One check of vLLM, then one heartbeat (or registration) if it is ready."""

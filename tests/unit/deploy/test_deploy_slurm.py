@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from deploy.errors import SpecError
 from deploy.render.components import build_components
-from deploy.render.slurm import batch_script, parse_job_id, parse_squeue, squeue_argv
+from deploy.render.slurm import batch_script, gres_gpus, parse_job_id, parse_squeue, squeue_argv
 from deploy.runtime.allowlist import WorkerAllowlist
 from deploy.spec.load import parse_cluster_spec
 from deploy.spec.model import ClusterSpec, SlurmSpec
@@ -91,11 +92,67 @@ def test_bad_slurm_keys_name_their_yaml_path(replica: dict[str, Any], path: str,
     assert problem in str(info.value)
 
 
-def test_slurm_replicas_refuse_the_vllm_kinds_for_now() -> None:
+def test_slurm_replicas_refuse_fastchats_vllm_worker() -> None:
     data = slurm_spec()
-    data["models"][0]["kind"] = "vllm"
-    with pytest.raises(SpecError, match=r"models\[0\]\.kind: Slurm replicas run the hf kind only"):
+    data["models"][0]["kind"] = "fastchat-vllm"
+    with pytest.raises(SpecError, match=r"models\[0\]\.kind: Slurm replicas run the hf and vllm kinds"):
         parse(data)
+
+
+def vllm_job(gres: str | None = "gpu:a100:4", **model: Any) -> tuple[list[str], list[str]]:
+    """The vllm kind's batch script: (its exports, the job's argv)."""
+    data = slurm_spec()
+    m = data["models"][0]
+    m.update(kind="vllm", tool_call_parser="hermes", engine_args={"max_model_len": 4096}, **model)
+    data["hosts"]["hpc"]["vllm_python"] = "/shared/vllm-venv/bin/python"
+    m["replicas"][0]["slurm"]["gres"] = gres
+    spec = parse(data)
+    script = batch_script(spec, spec.models[0], 0, spec.models[0].slurm_replicas[0])
+    lines = script.splitlines()
+    return [x for x in lines if x.startswith("export ")], shlex.split(lines[-1])[1:]
+
+
+def test_a_vllm_job_runs_the_engine_on_a_picked_port_and_the_bridge_in_front() -> None:
+    exports, argv = vllm_job()
+    assert argv[:3] == ["/shared/venv/bin/python", "-m", "deploy.runtime.slurm_job"]
+    engine = json.loads(argv[argv.index("--engine-argv") + 1])
+    # The engine's own python; loopback; the port is the job's to pick; TP from the job's 4 GPUs.
+    assert engine[:4] == ["/shared/vllm-venv/bin/python", "-m", "vllm.entrypoints.cli.main", "serve"]
+    assert engine[engine.index("--host") + 1] == "127.0.0.1" and "--port" in engine
+    assert engine[engine.index("--tensor-parallel-size") + 1] == "4"
+    assert engine[engine.index("--tool-call-parser") + 1] == "hermes" and "--max-model-len" in engine
+    bridge = argv[argv.index("--") + 1 :]
+    assert bridge[bridge.index("--model-names") + 1] == "tiny" and "--allowed-clients-file" in bridge
+    assert "--port" not in bridge and "--host" not in bridge and "--upstream" not in bridge
+    # Slurm sets CUDA_VISIBLE_DEVICES from the gres: the script must not hide the GPUs.
+    assert not any(x.startswith("export CUDA_VISIBLE_DEVICES") for x in exports), exports
+    assert "export VLLM_NO_USAGE_STATS=1" in exports and "export HF_HOME=/shared/hf" in exports
+    # The bridge's flags parse with the bridge's own parser once the job adds where it serves.
+    from deploy.runtime.vllm_bridge.cli import build_parser
+
+    where = ["--upstream", "http://127.0.0.1:1", "--host", "10.0.0.9", "--port", "1"]
+    where += ["--worker-address", "http://10.0.0.9:1", "--controller-address", "http://10.0.0.2:21001"]
+    assert build_parser().parse_args([*bridge, *where]).upstream_model == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("gres", "expected"), [(None, 0), ("gpu", 1), ("gpu:2", 2), ("gpu:a100:8,nvme:1", 8), ("nvme:1", 0)]
+)
+def test_gres_gpus(gres: str | None, expected: int) -> None:
+    assert gres_gpus(gres) == expected
+
+
+def test_a_one_gpu_vllm_job_sets_no_tensor_parallel_size() -> None:
+    _exports, argv = vllm_job(gres="gpu:1")
+    assert "--tensor-parallel-size" not in json.loads(argv[argv.index("--engine-argv") + 1])
+
+
+def test_the_job_replaces_the_engines_port() -> None:
+    from deploy.runtime.slurm_engine import with_port
+
+    assert with_port(["vllm", "--port", "0", "--x"], 41000) == ["vllm", "--port", "41000", "--x"]
+    with pytest.raises(ValueError, match="no --port"):
+        with_port(["vllm", "serve"], 1)
 
 
 def test_slurm_block_only_on_slurm_hosts() -> None:
@@ -195,3 +252,25 @@ def test_controller_admits_a_secret_only_for_the_senders_own_address(tmp_path: P
     assert a.refusal("http://10.0.0.5:31020", "10.0.0.5") is None
     allow.write_text(json.dumps({"workers": []}))
     assert WorkerAllowlist.load(allow).refusal("http://10.0.0.9:40001", "10.0.0.9", secret) is not None
+
+
+def test_a_job_view_as_a_watch_row_and_when_it_is_due_a_replacement() -> None:
+    from deploy.health.watch import watch_state
+    from deploy.orchestration.slurm import JobView
+    from deploy.render.slurm import JobInfo
+
+    running = JobInfo("41", "RUNNING", "gpu017", "23:41:10", "None")
+    serving = JobView("slurm-tiny-0", "hpc", "tiny", "41", running, "http://10.0.0.7:40123", True)
+    assert watch_state(serving.status_row()) == "HEALTHY" and not serving.ended
+    loading = JobView("slurm-tiny-0", "hpc", "tiny", "41", running, None)
+    assert watch_state(loading.status_row()) == "UNHEALTHY"
+    pending = JobView("slurm-tiny-0", "hpc", "tiny", "42", JobInfo("42", "PENDING", "", "", "Priority"), None)
+    row = pending.status_row()
+    assert watch_state(row) == "PENDING" and "PENDING (Priority)" in row.reason
+    preempted = JobInfo("41", "PREEMPTED", "gpu017", "", "None")
+    ended = JobView("slurm-tiny-0", "hpc", "tiny", "41", preempted, "http://10.0.0.7:40123", True)
+    assert ended.ended and ended.served and watch_state(ended.status_row()) == "PREEMPTED"
+    forgotten = JobView("slurm-tiny-0", "hpc", "tiny", "41", None, None, True)
+    assert forgotten.ended and watch_state(forgotten.status_row()) == "GONE"
+    cancelled_by_down = JobView("slurm-tiny-0", "hpc", "tiny", None, None, None)
+    assert not cancelled_by_down.ended and watch_state(cancelled_by_down.status_row()) == "NO JOB"
