@@ -315,16 +315,18 @@ def run_up(
     controller = [c for c in plan.components if c.role == "controller"]
     others = [c for c in plan.components if c.role != "controller"]
     planned = {a.component.name for a in plan.actions if isinstance(a, StartComponent | RestartComponent)}
+    # Everything planned starts at once: workers load their models while the controller starts
+    # (a worker registers once the controller answers; the API server refreshes its table).
+    started = start_components(hosts, plan, planned) if planned else []
     if "controller" in planned:
         with reporter.phase("start controller") as phase:
-            start_components(hosts, plan, {"controller"})
             ladder.wait_components(controller)
             phase.detail = controller[0].url
     if planned - {"controller"}:
         with reporter.phase("start API server and workers") as phase:
-            started = start_components(hosts, plan, {c.name for c in others})
             ladder.wait_components(others)
-            phase.detail = f"{', '.join(c.name for c in started)} started, {len(others)} ready"
+            names = ", ".join(c.name for c in started if c.role != "controller")
+            phase.detail = f"{names} started, {len(others)} ready"
     jobs: list[slurm.JobView] = []
     if spec.slurm_replicas:
         with reporter.phase("slurm jobs") as phase:

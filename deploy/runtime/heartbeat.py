@@ -15,7 +15,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["patch_heartbeat"]
+__all__ = ["FIRST_REGISTRATION_WAIT", "patch_first_registration", "patch_heartbeat"]
+
+# ``up`` starts the workers together with the controller: a worker whose model loaded before the
+# controller answers waits for it this long (its first registration only; then the heartbeat).
+FIRST_REGISTRATION_WAIT = 60.0
 
 logger = logging.getLogger("deploy.runtime.model_worker.heartbeat")
 
@@ -42,6 +46,39 @@ def send_heart_beat(worker: Any) -> None:
         worker.register_to_controller()
     except (requests.exceptions.RequestException, AssertionError) as exc:
         logger.error("registration failed (retried at the next beat): %r", exc)
+
+
+def patch_first_registration(base_model_worker: Any, seconds: float = FIRST_REGISTRATION_WAIT) -> None:
+    """Make the constructor's registration wait up to ``seconds`` for a controller that is not
+    answering yet (refused, reset), instead of ending the worker with its model loaded."""
+    import requests
+
+    from deploy.polling import DeadlineExceeded, poll_until
+
+    original = base_model_worker.BaseModelWorker.register_to_controller
+    first = [True]
+
+    def register_to_controller(worker: Any) -> None:
+        if not first[0]:
+            original(worker)
+            return
+        first[0] = False
+        last: list[Exception] = []
+
+        def attempt() -> bool | None:
+            try:
+                original(worker)
+                return True
+            except requests.exceptions.ConnectionError as exc:
+                last[:] = [exc]
+                return None
+
+        try:
+            poll_until(attempt, seconds=seconds, what="the controller", max_interval=0.5)
+        except DeadlineExceeded:
+            raise last[0] if last else requests.exceptions.ConnectionError(worker.controller_addr) from None
+
+    base_model_worker.BaseModelWorker.register_to_controller = register_to_controller
 
 
 def patch_heartbeat(base_model_worker: Any) -> None:

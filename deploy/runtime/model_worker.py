@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import gc
 import logging
 import os
 import sys
@@ -121,18 +122,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     compat.ensure_batch_encode_plus()
     from fastchat.serve import base_model_worker
 
-    from deploy.runtime.heartbeat import patch_heartbeat
+    from deploy.runtime.heartbeat import patch_first_registration, patch_heartbeat
 
     patch_heartbeat(base_model_worker)
     if secret is not None:
         from deploy.runtime.registration import patch_registration
 
         patch_registration(base_model_worker, secret)
+    else:  # (a registration with a secret waits for the worker's own port, and never raises)
+        patch_first_registration(base_model_worker)
 
     sys.argv = [sys.argv[0], *fastchat_argv(args, rest)]
     fastchat_args, worker = _create_worker(fastchat_worker)
     fastchat_worker.args = fastchat_args
     fastchat_worker.worker = worker
+    # FastChat runs a full gc.collect() after every generation (to free GPU memory before
+    # empty_cache): with the model loaded that traverses every object of torch and transformers,
+    # ~180 ms a request on 2 cores. Frozen, what exists now (the model, the libraries) is left out
+    # of every collection; what a request creates is still collected.
+    gc.freeze()
 
     app = fastchat_worker.app
     if allowlist is not None:
@@ -173,7 +181,7 @@ def _create_worker(fastchat_worker: Any) -> tuple[Any, Any]:
         created: tuple[Any, Any] = fastchat_worker.create_model_worker()
         return created
     except requests.exceptions.ConnectionError as exc:
-        fail(COMPONENT, f"cannot reach the controller to register (start it first): {exc}")
+        fail(COMPONENT, f"cannot reach the controller to register (is it running?): {exc}")
     except AssertionError as exc:
         # FastChat asserts a 200 from /register_worker and says nothing else.
         if traceback.extract_tb(exc.__traceback__)[-1].name == "register_to_controller":
