@@ -318,6 +318,8 @@ def run_up(
     # Everything planned starts at once: workers load their models while the controller starts
     # (a worker registers once the controller answers; the API server refreshes its table).
     started = start_components(hosts, plan, planned) if planned else []
+    # Slurm jobs too: they queue and load while the controller starts (a job waits 30 s for it).
+    submitted = slurm.submit(hosts) if spec.slurm_replicas else {}
     if "controller" in planned:
         with reporter.phase("start controller") as phase:
             ladder.wait_components(controller)
@@ -330,7 +332,6 @@ def run_up(
     jobs: list[slurm.JobView] = []
     if spec.slurm_replicas:
         with reporter.phase("slurm jobs") as phase:
-            submitted = slurm.submit(hosts)
             for name, job in submitted.items():
                 reporter.note(f"  submitted {name}: job {job}")
             jobs = slurm.wait_serving(hosts, reporter)
