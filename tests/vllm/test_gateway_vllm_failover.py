@@ -42,9 +42,11 @@ def test_kill_9_of_one_of_two_vllm_workers_fails_no_request_that_had_not_started
                 )
             )
         launcher.wait_registered(controller_url, MODEL, 2, watch=[controller, *bridges])
+        # Through the bridges: on this one host the gateway would otherwise call vLLM directly.
         with gateway(
-            launcher, controller_url=controller_url, key_file=keys, api_key=key, models=[MODEL]
-        ) as front:
+            launcher, controller_url=controller_url, key_file=keys, api_key=key, models=[MODEL],
+            args=["--via-bridge"],
+        ) as front:  # fmt: skip
             result = load_through(
                 front.base_url, key, MODEL, lambda: os.kill(bridges[0].pid, signal.SIGKILL), temperature=0
             )

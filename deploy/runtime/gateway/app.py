@@ -66,6 +66,7 @@ class Gateway:
         limits: Per-request limits.
         refresh_interval: Seconds between routing-table refreshes.
         worker_timeout: Seconds a worker may take for its next byte.
+        direct_engines: Call vLLM directly where it is on this host (see the registry).
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class Gateway:
         limits: Limits | None = None,
         refresh_interval: float = 5.0,
         worker_timeout: float = 600.0,
+        direct_engines: bool = True,
     ) -> None:
         self._keys = [(name, key.encode()) for name, key in keys]
         self.limits = limits = limits or Limits()
@@ -86,7 +88,9 @@ class Gateway:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0),
             timeout=30.0,
         )
-        self.registry = Registry(controller, self.table, self.client, refresh_interval)
+        self.registry = Registry(
+            controller, self.table, self.client, refresh_interval, direct_engines=direct_engines
+        )
         self.forwarder = Forwarder(self.table, self.registry, self.client, worker_timeout)
         self.hf = HfService(self.forwarder)
         self.gate = KeyGate(limits.per_key_concurrency)

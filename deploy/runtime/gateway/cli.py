@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--per-key-concurrency", type=positive_int, default=d.per_key_concurrency, metavar="N"
     )
+    parser.add_argument(
+        "--via-bridge",
+        action="store_true",
+        help="send every vllm-kind request through its bridge, also where vLLM is on this host "
+        "(default: directly to vLLM's loopback port there, one hop less)",
+    )
     return parser
 
 
@@ -93,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         limits=limits,
         refresh_interval=args.refresh_interval,
         worker_timeout=args.worker_timeout,
+        direct_engines=not args.via_bridge,
     )
     if args.allowed_origins:
         from starlette.middleware.cors import CORSMiddleware

@@ -102,8 +102,11 @@ class Forwarder:
     ) -> None:
         """The body to a ``vllm`` replica's OpenAI route as it is; the answer back unchanged."""
         for replica in self.attempts(model, affinity):
+            body = raw
+            if replica.engine is not None and replica.engine_model not in (None, model):
+                body = _with_model(raw, replica.engine_model)  # what the bridge maps on its hop
             with holding(replica):
-                if await self._passthrough_once(replica, send, path, raw, stream):
+                if await self._passthrough_once(replica, send, path, body, stream):
                     return
 
     def _session(self) -> aiohttp.ClientSession:
@@ -125,7 +128,7 @@ class Forwarder:
         """One attempt; False when the next replica should be tried (nothing was sent)."""
         try:
             response = await self._session().post(
-                f"{replica.url}{path}", data=raw, headers=_JSON, timeout=self._aiohttp_timeout
+                f"{replica.openai_url}{path}", data=raw, headers=_JSON, timeout=self._aiohttp_timeout
             )
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self.failed(replica, f"{type(exc).__name__}: {exc}", _as_httpx(exc))
@@ -228,6 +231,18 @@ class Forwarder:
             raise WorkerLost("the worker failed while generating; the answer is incomplete") from exc
         except ValueError as exc:
             raise UpstreamFailed("the worker sent an unreadable object") from exc
+
+
+def _with_model(raw: bytes, model: str) -> bytes:
+    """``raw`` with its ``model`` set to ``model`` (unchanged bytes when it already is)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw  # vLLM answers malformed JSON with its own 400
+    if not isinstance(data, dict) or data.get("model") == model:
+        return raw
+    data["model"] = model
+    return json.dumps(data).encode()
 
 
 def _worker_error(code: int, text: str) -> ApiError:

@@ -36,6 +36,9 @@ class Replica:
         queue_length: What the controller last reported.
         outstanding: Requests of this gateway on it now.
         up: False once a connection to it failed, until a probe answers again.
+        engine: ``vllm`` kind on this gateway's own host: vLLM's loopback URL, which the
+            pass-through calls directly (the bridge's hop saved); None: through the bridge.
+        engine_model: The name vLLM serves the model as (the body's ``model`` on the direct path).
     """
 
     url: str
@@ -46,6 +49,13 @@ class Replica:
     queue_length: int = 0
     outstanding: int = 0
     up: bool = True
+    engine: str | None = None
+    engine_model: str | None = None
+
+    @property
+    def openai_url(self) -> str:
+        """Where the pass-through sends OpenAI requests: vLLM itself, else the bridge."""
+        return self.engine or self.url
 
 
 @dataclass

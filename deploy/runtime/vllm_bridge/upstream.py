@@ -70,6 +70,7 @@ class Upstream:
         generation_timeout: float = GENERATION_TIMEOUT,
     ) -> None:
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.keyed = bool(api_key)  # vLLM asks for a key: only the bridge may call it
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._probe = httpx.Timeout(probe_timeout)
         self._generation = httpx.Timeout(generation_timeout, connect=probe_timeout, pool=None)

