@@ -75,10 +75,18 @@ class CliRun:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nobody listens on right now, never one this process was given before (the kernel
+    may hand a just-released port out again: two ports of one spec must differ)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
+
+
+_GIVEN: set[int] = set()
 
 
 def ready(check: Callable[[], bool], what: str, *, seconds: float = 300.0) -> float:
