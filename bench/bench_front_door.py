@@ -13,7 +13,8 @@ Paths to the same generation (8 tokens, temperature 0, a fresh chat per request,
 
 - ``direct``: vLLM's ``/v1/chat/completions``;
 - ``bridge``: the bridge's pass-through (the hop that keeps the engine on loopback);
-- ``gateway``: gateway -> bridge -> vLLM (what a client of the cluster uses);
+- ``gateway``: what a client of the cluster uses: gateway -> vLLM (the gateway calls vLLM
+  directly where the bridge is on its host, as here; ``--via-bridge``: gateway -> bridge -> vLLM);
 - ``router``: vllm-router -> bridge -> vLLM.
 
 At concurrency 1 the paths alternate request by request (p50 of each); at 16 and 64 they
