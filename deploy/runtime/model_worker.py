@@ -21,6 +21,7 @@ Differences from upstream:
   addresses and loopback (upstream: anyone who can reach the port);
 - with ``--registration-secret-file``, every registration carries that secret (a Slurm job's
   way in, :mod:`deploy.runtime.registration`);
+- ``/worker_generate_stream`` runs each generation in one thread (:mod:`deploy.runtime.worker_stream`);
 - it starts under transformers 5 (:mod:`deploy.runtime.compat`);
 - a taken port exits 1 before the model loads; no log file of its own.
 """
@@ -125,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from deploy.runtime.heartbeat import patch_first_registration, patch_heartbeat
 
     patch_heartbeat(base_model_worker)
+    from deploy.runtime.worker_stream import patch_stream_route
+
+    patch_stream_route(base_model_worker)
     if secret is not None:
         from deploy.runtime.registration import patch_registration
 

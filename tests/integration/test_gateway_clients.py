@@ -7,6 +7,7 @@ field and the kind that serves it; errors are OpenAI's, and the connection stays
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ import openai
 import pytest
 
 if TYPE_CHECKING:
-    from devtools.devstack import Front
+    from devtools.devstack import Front, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -238,3 +239,24 @@ def test_metrics_behind_the_key_count_requests_and_tokens(front: Front, http: ht
     assert 'llm_gateway_requests_total{model="tiny",kind="hf",key="key-1",status="200"}' in text
     assert 'llm_gateway_tokens_total{model="tiny",kind="hf",key="key-1",type="completion"}' in text
     assert "llm_gateway_first_byte_seconds_bucket" in text and front.api_key not in text
+
+
+def test_client_disconnect_stops_the_generation_on_the_worker(
+    front: Front, fastchat_stack: Stack, http: httpx.Client
+) -> None:
+    # 1500 tokens take ~6 s on this worker; the worker frees a request's slot only once its
+    # generation has stopped (deploy.runtime.worker_stream), so a slot free within 1.5 s of the
+    # hang-up means the generation stopped.
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1500, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        for _line in response.iter_lines():
+            break  # the first event, then hang up
+    deadline = time.monotonic() + 1.5
+    queue = None
+    while time.monotonic() < deadline:
+        queue = httpx.post(f"{fastchat_stack.worker_url}/worker_get_status", json={}).json()["queue_length"]
+        if queue == 0:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the worker still generates 1.5 s after the client left (queue length {queue})")

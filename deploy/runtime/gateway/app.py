@@ -82,16 +82,13 @@ class Gateway:
         self._keys = [(name, key.encode()) for name, key in keys]
         self.limits = limits = limits or Limits()
         self.table = RoutingTable()
-        self.client = httpx.AsyncClient(
-            # Idle connections expire before the workers' uvicorn closes them (5 s), so a request
-            # rarely meets a connection closed under it.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0),
-            timeout=30.0,
-        )
+        # The controller's client (the routing table's refreshes); requests to replicas go
+        # through the forwarder's own pool.
+        self.client = httpx.AsyncClient(timeout=30.0)
         self.registry = Registry(
             controller, self.table, self.client, refresh_interval, direct_engines=direct_engines
         )
-        self.forwarder = Forwarder(self.table, self.registry, self.client, worker_timeout)
+        self.forwarder = Forwarder(self.table, self.registry, worker_timeout)
         self.hf = HfService(self.forwarder)
         self.gate = KeyGate(limits.per_key_concurrency)
         self.metrics = Metrics()

@@ -17,7 +17,6 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
 import aiohttp
-import httpx
 
 from deploy.runtime.gateway.errors import ApiError, BadRequest, NoReplica, error_event
 from deploy.runtime.gateway.registry import Registry
@@ -49,24 +48,20 @@ class WorkerLost(UpstreamFailed):
 class Forwarder:
     """Attempts on replicas of one routing table through one pooled client."""
 
-    def __init__(
-        self, table: RoutingTable, registry: Registry, client: httpx.AsyncClient, timeout: float
-    ) -> None:
+    def __init__(self, table: RoutingTable, registry: Registry, timeout: float) -> None:
         self.table = table
         self.registry = registry
-        self.client = client
-        self.timeout = httpx.Timeout(timeout, connect=5.0, pool=None)
         self._aiohttp: aiohttp.ClientSession | None = None
-        self._aiohttp_timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=timeout)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=timeout)
 
-    def failed(self, replica: Replica, why: str, exc: Exception | None = None) -> None:
+    def failed(self, replica: Replica, why: str, *, refused: bool = True) -> None:
         """Take ``replica`` out of rotation and refresh the table now.
 
         Only when it refused the connection (or said 503): a read or protocol error on a reused
-        connection may be a keep-alive the replica had just closed, and the next attempt (on a
-        new connection) says whether the replica is really gone.
+        connection (``refused=False``) may be a keep-alive the replica had just closed, and the
+        next attempt (on a new connection) says whether the replica is really gone.
         """
-        if exc is not None and not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        if not refused:
             logger.info("gateway: %s: %s; trying again", replica.url, why)
             return
         if replica.up:
@@ -110,15 +105,15 @@ class Forwarder:
                     return
 
     def _session(self) -> aiohttp.ClientSession:
-        # aiohttp for the pass-through: per request it costs a fraction of httpx's CPU, and
-        # on a 2-core host that CPU is the engine's. Created in the running loop, on first use.
+        # aiohttp for every call to a replica: per request it costs a fraction of httpx's CPU,
+        # and on a 2-core host that CPU is the engine's. Created in the running loop, on first use.
         if self._aiohttp is None:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_SECONDS)
             self._aiohttp = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         return self._aiohttp
 
     async def aclose(self) -> None:
-        """Close the pass-through connections."""
+        """Close the connections to the replicas."""
         if self._aiohttp is not None:
             await self._aiohttp.close()
 
@@ -128,10 +123,10 @@ class Forwarder:
         """One attempt; False when the next replica should be tried (nothing was sent)."""
         try:
             response = await self._session().post(
-                f"{replica.openai_url}{path}", data=raw, headers=_JSON, timeout=self._aiohttp_timeout
+                f"{replica.openai_url}{path}", data=raw, headers=_JSON, timeout=self._timeout
             )
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            self.failed(replica, f"{type(exc).__name__}: {exc}", _as_httpx(exc))
+            self.failed(replica, _why(exc), refused=_refused(exc))
             return False
         try:
             if response.status == 503:
@@ -144,7 +139,7 @@ class Forwarder:
                 try:
                     body = await response.read()
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                    self.failed(replica, f"{type(exc).__name__}: {exc}", _as_httpx(exc))
+                    self.failed(replica, _why(exc), refused=_refused(exc))
                     return False
                 headers.append((b"content-length", str(len(body)).encode()))
                 await send(start)
@@ -153,7 +148,7 @@ class Forwarder:
             try:
                 first = await response.content.readany()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                self.failed(replica, f"{type(exc).__name__}: {exc}", _as_httpx(exc))
+                self.failed(replica, _why(exc), refused=_refused(exc))
                 return False
             await send(start)
             await send({"type": "http.response.body", "body": first, "more_body": True})
@@ -161,7 +156,7 @@ class Forwarder:
                 while chunk := await response.content.readany():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                self.failed(replica, f"{type(exc).__name__} mid-stream: {exc}")
+                self.failed(replica, f"{_why(exc)} mid-stream", refused=_refused(exc))
                 failure = UpstreamFailed("the replica failed while streaming; the answer is incomplete")
                 await send({"type": "http.response.body", "body": error_event(failure), "more_body": True})
             await send({"type": "http.response.body", "body": b""})
@@ -176,18 +171,23 @@ class Forwarder:
             Retry: the replica cannot be reached (it is marked down).
         """
         try:
-            response = await self.client.post(f"{replica.url}{route}", json=body, timeout=self.timeout)
-            data = response.json()
-        except httpx.TransportError as exc:
-            self.failed(replica, f"{type(exc).__name__}: {exc}", exc)
+            async with self._session().post(
+                f"{replica.url}{route}", data=json.dumps(body), headers=_JSON, timeout=self._timeout
+            ) as response:
+                raw = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self.failed(replica, _why(exc), refused=_refused(exc))
             raise Retry from exc
-        except ValueError as exc:
-            raise UpstreamFailed(f"the worker's {route} answered no JSON") from exc
-        if response.status_code == 503:
+        if status == 503:
             self.failed(replica, "answered 503")
             raise Retry
-        if not isinstance(data, dict) or response.status_code != 200:
-            raise UpstreamFailed(f"the worker's {route} answered {response.status_code}")
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise UpstreamFailed(f"the worker's {route} answered no JSON") from exc
+        if not isinstance(data, dict) or status != 200:
+            raise UpstreamFailed(f"the worker's {route} answered {status}")
         return data
 
     async def worker_stream(
@@ -202,17 +202,20 @@ class Forwarder:
         """
         started = False
         try:
-            async with self.client.stream(
-                "POST", f"{replica.url}/worker_generate_stream", json=params, timeout=self.timeout
+            async with self._session().post(
+                f"{replica.url}/worker_generate_stream",
+                data=json.dumps(params),
+                headers=_JSON,
+                timeout=self._timeout,
             ) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    if response.status_code in (502, 503):
-                        self.failed(replica, f"answered {response.status_code}")
+                if response.status != 200:
+                    await response.read()
+                    if response.status in (502, 503):
+                        self.failed(replica, f"answered {response.status}")
                         raise Retry
-                    raise UpstreamFailed(f"the worker answered {response.status_code}")
+                    raise UpstreamFailed(f"the worker answered {response.status}")
                 buffer = b""
-                async for chunk in response.aiter_raw():
+                while chunk := await response.content.readany():
                     buffer += chunk
                     *items, buffer = buffer.split(b"\0")
                     for item in items:
@@ -224,8 +227,8 @@ class Forwarder:
                             raise _worker_error(code, str(data.get("text", "")))
                         started = True
                         yield data
-        except httpx.TransportError as exc:
-            self.failed(replica, f"{type(exc).__name__}: {exc}", exc)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self.failed(replica, _why(exc), refused=_refused(exc))
             if not started:
                 raise Retry from exc
             raise WorkerLost("the worker failed while generating; the answer is incomplete") from exc
@@ -264,8 +267,10 @@ def holding(replica: Replica) -> Iterator[None]:
         replica.outstanding -= 1
 
 
-def _as_httpx(exc: BaseException) -> Exception:
-    """aiohttp's failure in httpx's terms for :meth:`Forwarder.failed`: refused, or something else."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(str(exc))
-    return httpx.ReadError(str(exc))
+def _refused(exc: BaseException) -> bool:
+    """Whether the replica refused the connection (or did not accept it in time)."""
+    return isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -44,7 +44,7 @@ class Registry:
     Args:
         controller: The controller's URL.
         table: The table to keep up to date.
-        client: The gateway's pooled HTTP client.
+        client: The HTTP client for the controller and the replicas' descriptions.
         interval: Seconds between refreshes.
         direct_engines: Pass ``vllm``-kind requests to vLLM directly where it is on this host.
     """
