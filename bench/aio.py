@@ -17,7 +17,7 @@ import httpx
 from bench.measure import median, process_cpu_seconds, scaled
 from bench.workload import GENERATION, chat
 
-__all__ = ["LoopRunner", "alternate_c1", "alternate_throughput", "post_chat"]
+__all__ = ["Call", "LoopRunner", "alternate_c1", "alternate_throughput", "post_chat"]
 
 Call = Callable[[int], Coroutine[Any, Any, None]]
 

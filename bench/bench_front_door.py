@@ -6,7 +6,8 @@ script of ``pip install vllm-router``). Started here: a controller, the vLLM bri
 that vLLM, our gateway (``python -m deploy.runtime.gateway``, key on) and, if given, vllm-router
 (``--policy round_robin``: one worker; no key: it has no client key check of its own) with the bridge as
 its one worker; and, for the ``hf`` kind, the FastChat stack with both FastChat's API server and
-our gateway on its controller.
+our gateway on its controller; and the worker's own two generation routes, asked directly (what
+streaming costs the transformers worker).
 
 Paths to the same generation (8 tokens, temperature 0, a fresh chat per request, one pooled
 ``httpx.AsyncClient`` in this process):
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.aio import LoopRunner, alternate_c1, alternate_throughput, post_chat
+from bench.aio import Call, LoopRunner, alternate_c1, alternate_throughput, post_chat
 from bench.measure import median, ms, ratio_line, scaled, table
 from bench.workload import GENERATION, chat
 from deploy.security.secretfiles import write_secret_file
@@ -45,6 +46,7 @@ from devtools.devstack import RuntimeLauncher, RuntimeProcess, free_port, gatewa
 MODEL = "tiny"
 ROUNDS_C1 = 60
 BATCHES = 3
+WORKER_ROUTES = ("/worker_generate", "/worker_generate_stream")
 
 
 def _start_router(binary: str, bridge: str, root: Path) -> tuple[RuntimeProcess, str]:
@@ -141,6 +143,21 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
         launcher.stop_all()
 
 
+def _worker_route(client: httpx.AsyncClient, url: str, route: str) -> Call:
+    """A call that asks the worker itself for chat ``index``'s 8 greedy tokens on ``route``."""
+
+    async def call(index: int) -> None:
+        text = chat(index)[1]["content"]
+        params = {"model": MODEL, "prompt": f"USER: {text} ASSISTANT:", "temperature": 0.0,
+                  "max_new_tokens": GENERATION["max_tokens"], "echo": False}  # fmt: skip
+        async with client.stream("POST", f"{url}{route}", json=params) as reply:
+            reply.raise_for_status()
+            async for _chunk in reply.aiter_raw():
+                pass
+
+    return call
+
+
 def hf_kind() -> None:
     """Our gateway vs FastChat's API server, on the same controller and transformers worker."""
     from bench.stack import fastchat_stack
@@ -181,6 +198,14 @@ def hf_kind() -> None:
                         "front_door_hf_c16", rates["gateway"] / rates["fastchat"], ">= 1.0x FastChat's"
                     )
                 )
+                # The worker's two generation routes, asked directly: what the stream costs it.
+                routes = {r: _worker_route(client, stack.worker_url, r) for r in WORKER_ROUTES}
+                route_rates, _ = runner.run(alternate_throughput(routes, 16, BATCHES, {}))
+                print("\n### hf kind: the worker's own routes at c=16\n")
+                print(table(["route", "req/s c=16"], [[r, f"{v:.2f}"] for r, v in route_rates.items()]))
+                print()
+                stream_ratio = route_rates[WORKER_ROUTES[1]] / route_rates[WORKER_ROUTES[0]]
+                print(ratio_line("worker_stream_vs_generate_c16", stream_ratio, "(reported)"))
                 runner.run(client.aclose())
             finally:
                 runner.close()
