@@ -407,6 +407,23 @@ def test_spec_keys_for_ssh_and_degraded_starts(tmp_path: Path) -> None:
     assert ssh.known_hosts == str(Path("~/kh").expanduser())
 
 
+
+def test_a_missing_ssh_config_file_names_the_host_and_the_key(tmp_path: Path) -> None:
+    from deploy.hosts.group import connector_for
+
+    data = {
+        "cluster": "t",
+        "hosts": {"h": {**ssh_host("10.0.0.10"), "ssh": {"config_file": "ssh/config"}}},
+        "controller": {"host": "h"},
+        "api_server": {"host": "h"},
+        "models": [{"name": "m", "path": "/m", "conv_template": "x", "replicas": [{"host": "h"}]}],
+    }
+    host = parse_cluster_spec(data, base_dir=tmp_path).host("h")
+    with pytest.raises(ConnectionFailed) as caught:
+        connector_for(host)  # Fabric's own error was a bare FileNotFoundError with a traceback
+    assert caught.value.host == "h" and f"{tmp_path}/ssh/config does not exist" in str(caught.value)
+    assert caught.value.hint == "fix or remove hosts.h.ssh.config_file"
+
 def test_workers_bind_the_host_address_unless_the_spec_says_otherwise() -> None:
     spec = make_spec()
     worker = next(c for c in build_components(spec) if c.name == "worker-m-0")
