@@ -407,7 +407,6 @@ def test_spec_keys_for_ssh_and_degraded_starts(tmp_path: Path) -> None:
     assert ssh.known_hosts == str(Path("~/kh").expanduser())
 
 
-
 def test_a_missing_ssh_config_file_names_the_host_and_the_key(tmp_path: Path) -> None:
     from deploy.hosts.group import connector_for
 
@@ -423,6 +422,7 @@ def test_a_missing_ssh_config_file_names_the_host_and_the_key(tmp_path: Path) ->
         connector_for(host)  # Fabric's own error was a bare FileNotFoundError with a traceback
     assert caught.value.host == "h" and f"{tmp_path}/ssh/config does not exist" in str(caught.value)
     assert caught.value.hint == "fix or remove hosts.h.ssh.config_file"
+
 
 def test_workers_bind_the_host_address_unless_the_spec_says_otherwise() -> None:
     spec = make_spec()
