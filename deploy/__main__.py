@@ -1,5 +1,5 @@
 """``python -m deploy``: the ``llm-deploy`` command line."""
 
-from deploy.cli import main
+from deploy.cli import run
 
-main()
+run()

@@ -125,3 +125,20 @@ def test_a_spec_with_three_mistakes_gets_three_errors_in_one_run(tmp_path: Path,
     assert any("model_worker) has no flag --max-model-length" in line for line in lines)
     assert any("replicas[0].port: must be 1-65535" in line for line in lines)
     assert not (tmp_path / "s").exists()  # nothing was started, not even a state directory
+
+
+def test_the_console_script_keeps_exit_codes_and_flushes_piped_output(tmp_path: Path) -> None:
+    # `python -m deploy` is `run()`: the command, then os._exit (no interpreter teardown).
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "deploy", *args]
+        return subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
+
+    planned = cli("plan", "--offline")  # the embedded default: a long answer into a pipe
+    assert planned.returncode == 0, planned.stderr
+    assert planned.stdout.rstrip().endswith("--seed 42") and "controller" in planned.stdout
+    missing = cli("status", str(tmp_path / "none.yaml"))
+    assert missing.returncode == 1 and "cannot read the spec" in missing.stderr
+    assert cli("no-such-command").returncode == 2
