@@ -14,7 +14,7 @@ time includes four model loads competing for CPU, which separate machines would 
 Benchmark 3's SSH part also runs here, on the 1+4 cluster while it is up: ``llm-deploy up`` on
 the healthy cluster, again and again (it must change nothing).
 
-Ratios: ``up`` for N=4 over N=1 (target at most 1.3), and the 1+4 re-run's median over 3 s
+Ratios: ``up`` for N=4 over N=1 (target at most 1.3), and the 1+4 re-run's median over 2 s
 (target at most 1).
 
 Run: ``sudo .venv/bin/python -m bench multihost`` (root, for the network namespaces)
@@ -36,7 +36,7 @@ from bench.measure import median, percentile, ratio_line, scaled, table
 
 WORKER_COUNTS = (1, 2, 4)
 TARGET = 1.3
-RERUN_TARGET_S = 3.0
+RERUN_TARGET_S = 2.0  # issue 19: a healthy re-run on 1 + 4 SSH hosts under 2 s
 STATUS_TARGET_S = 1.0  # llm-deploy status on 1 + 4 SSH hosts
 HOSTS = ("head", "w1", "w2", "w3", "w4")
 
@@ -155,7 +155,7 @@ def main() -> None:
     rerun_ratio = median(rerun) / RERUN_TARGET_S
     verdict = "met" if rerun_ratio <= 1 else "MISSED"
     target = f"median {median(rerun):.2f}s / {RERUN_TARGET_S}s; <= 1: {verdict}"
-    print(ratio_line("idempotent.ssh_1_4_rerun_over_3s", rerun_ratio, target))
+    print(ratio_line("idempotent.ssh_1_4_rerun_over_2s", rerun_ratio, target))
     status_ratio = median(status) / STATUS_TARGET_S
     verdict = "met" if status_ratio <= 1 else "MISSED"
     target = f"median {median(status):.2f}s / {STATUS_TARGET_S}s; <= 1: {verdict}"

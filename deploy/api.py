@@ -83,7 +83,10 @@ def up(
     with cluster_lock(spec.name, action="up"), ExitStack() as stack:
         # One connector per host for the whole command: doctor's connections are reused by up.
         opened = stack.enter_context(open_connectors(spec, connectors))
-        healthy = _already_running(spec, opened, stack)
+        # (Over SSH most of this is the connections and host agents doctor and up reuse.)
+        with reporter.phase("connect and observe") as phase:
+            healthy = _already_running(spec, opened, stack)
+            phase.detail = "everything runs with this spec" if healthy else "changes to make"
         if healthy is not None:
             # Every component runs with this spec's fingerprints: nothing doctor checks can have
             # changed what runs; the health phase still proves the cluster serves.
