@@ -231,14 +231,20 @@ def _body(caught: Any) -> dict[str, Any]:
     return dict(caught.value.body)
 
 
-def test_metrics_behind_the_key_count_requests_and_tokens(front: Front, http: httpx.Client) -> None:
+def test_metrics_behind_the_key_count_requests_and_tokens(
+    front: Front, fastchat_stack: Stack, http: httpx.Client
+) -> None:
     assert httpx.get(f"{front.root}/metrics").status_code == 401
     reply = http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "max_tokens": 2})
     assert reply.status_code == 200
+    http.post("/v1/chat/completions", json={"model": "no-such-model", "messages": HELLO})
     text = http.get("/metrics").text
-    assert 'llm_gateway_requests_total{model="tiny",kind="hf",key="key-1",status="200"}' in text
-    assert 'llm_gateway_tokens_total{model="tiny",kind="hf",key="key-1",type="completion"}' in text
-    assert "llm_gateway_first_byte_seconds_bucket" in text and front.api_key not in text
+    labels = f'model="tiny",kind="hf",replica="{fastchat_stack.worker_url}",key="key-1"'
+    assert f'llm_gateway_requests_total{{{labels},status="200"}}' in text
+    assert f'llm_gateway_tokens_total{{{labels},type="completion"}}' in text
+    assert f"llm_gateway_first_byte_seconds_bucket{{{labels}," in text and front.api_key not in text
+    # No replica answered the unknown model: its 404 is counted without one.
+    assert 'llm_gateway_requests_total{model="unknown",kind="-",replica="-",key="key-1",status="404"}' in text
 
 
 def test_client_disconnect_stops_the_generation_on_the_worker(

@@ -40,7 +40,7 @@ from deploy.runtime.gateway.errors import (
     Unauthorized,
     Unsupported,
 )
-from deploy.runtime.gateway.forward import Forwarder
+from deploy.runtime.gateway.forward import SERVED, Forwarder, Served
 from deploy.runtime.gateway.hfservice import HfService
 from deploy.runtime.gateway.limits import KeyGate, Limits, check_request, too_large
 from deploy.runtime.gateway.metrics import Metrics
@@ -211,6 +211,8 @@ class Gateway:
                     release()
             await send(message)
 
+        served = Served()
+        SERVED.set(served)  # before the request's task is made: it shares this object
         try:
             await until_disconnect(self._dispatch(send_then_release, scope, path, raw, body), receive)
         except ApiError as exc:
@@ -223,6 +225,7 @@ class Gateway:
             self.metrics.record(
                 model=model if kind is not None and isinstance(model, str) else "unknown",
                 kind=kind or "-",
+                replica=served.replica or "-",
                 key=key,
                 status=seen["status"] or 499,  # nothing sent: the client went away
                 seconds=time.perf_counter() - started,

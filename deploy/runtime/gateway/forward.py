@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -22,13 +23,33 @@ from deploy.runtime.gateway.errors import ApiError, BadRequest, NoReplica, error
 from deploy.runtime.gateway.registry import Registry
 from deploy.runtime.gateway.routing import Replica, RoutingTable
 
-__all__ = ["Forwarder", "Retry", "UpstreamFailed", "WorkerLost", "holding"]
+__all__ = ["SERVED", "Forwarder", "Retry", "Served", "UpstreamFailed", "WorkerLost", "holding"]
 
 logger = logging.getLogger(__name__)
 
 _HOP_HEADERS = {b"content-type", b"x-request-id"}
 _JSON = {"content-type": "application/json", "accept-encoding": "identity"}  # bytes relayed as they come
 KEEPALIVE_SECONDS = 2.0  # below the replicas' uvicorn keep-alive (5 s)
+
+
+class Served:
+    """Which replica answered the request being handled: its worker URL, or None (none did)."""
+
+    __slots__ = ("replica",)
+
+    def __init__(self) -> None:
+        self.replica: str | None = None
+
+
+# Set by the app per request (before the request's task starts, so the task sees the same
+# object); each answer from a replica notes its URL there, for the metrics' ``replica`` label.
+SERVED: contextvars.ContextVar[Served | None] = contextvars.ContextVar("gateway_served", default=None)
+
+
+def _answered(replica: Replica) -> None:
+    served = SERVED.get()
+    if served is not None:
+        served.replica = replica.url
 
 
 class Retry(Exception):
@@ -133,6 +154,7 @@ class Forwarder:
                 await response.read()
                 self.failed(replica, "answered 503")
                 return False
+            _answered(replica)
             headers = [(k, v) for k, v in response.raw_headers if k.lower() in _HOP_HEADERS]
             start = {"type": "http.response.start", "status": response.status, "headers": headers}
             if not stream or response.status != 200:
@@ -188,6 +210,7 @@ class Forwarder:
             raise UpstreamFailed(f"the worker's {route} answered no JSON") from exc
         if not isinstance(data, dict) or status != 200:
             raise UpstreamFailed(f"the worker's {route} answered {status}")
+        _answered(replica)
         return data
 
     async def worker_stream(
@@ -225,6 +248,8 @@ class Forwarder:
                         code = data.get("error_code", 0)
                         if code:
                             raise _worker_error(code, str(data.get("text", "")))
+                        if not started:
+                            _answered(replica)
                         started = True
                         yield data
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

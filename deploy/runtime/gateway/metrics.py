@@ -1,7 +1,8 @@
 """Prometheus text for ``GET /metrics`` (behind the key): requests, errors, tokens, latency.
 
 No client library: a few counters and histograms, kept in dicts, rendered in the text format.
-Labels: ``model``, ``kind``, ``key`` (the key's name, never the key), ``status``. Two gauges give
+Labels: ``model``, ``kind``, ``replica`` (the worker URL that answered; ``-`` when none did),
+``key`` (the key's name, never the key), ``status``. Two gauges give
 each model's requests and tokens per second over the last :data:`WINDOW` seconds, for
 ``llm-deploy status`` (a rate needs no second scrape then).
 """
@@ -51,6 +52,7 @@ class Metrics:
         *,
         model: str,
         kind: str,
+        replica: str,
         key: str,
         status: int,
         seconds: float,
@@ -58,8 +60,8 @@ class Metrics:
         usage: Mapping[str, object] | None = None,
     ) -> None:
         """One finished request."""
-        base = (("model", model), ("kind", kind))
-        request_labels: Labels = (*base, ("key", key), ("status", str(status)))
+        base: Labels = (("model", model), ("kind", kind), ("replica", replica), ("key", key))
+        request_labels: Labels = (*base, ("status", str(status)))
         self.requests[request_labels] += 1
         self.latency[base].observe(seconds)
         if first_byte is not None:
@@ -68,7 +70,7 @@ class Metrics:
         for name in ("prompt_tokens", "completion_tokens"):
             value = (usage or {}).get(name)
             if isinstance(value, int):
-                token_labels: Labels = (*base, ("key", key), ("type", name.split("_")[0]))
+                token_labels: Labels = (*base, ("type", name.split("_")[0]))
                 self.tokens[token_labels] += value
             counted.append(value if isinstance(value, int) else 0)
         now = time.monotonic()

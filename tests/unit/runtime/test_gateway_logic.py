@@ -187,14 +187,17 @@ def test_metrics_render_prometheus_text() -> None:
 
     metrics = Metrics()
     usage = {"prompt_tokens": 5, "completion_tokens": 2}
+    r = "http://10.0.0.11:31020"
     metrics.record(
-        model="m", kind="vllm", key="key-1", status=200, seconds=0.03, first_byte=0.01, usage=usage
+        model="m", kind="vllm", replica=r, key="key-1", status=200, seconds=0.03, first_byte=0.01, usage=usage
     )
     text = metrics.render()
-    assert 'llm_gateway_requests_total{model="m",kind="vllm",key="key-1",status="200"} 1' in text
-    assert 'llm_gateway_tokens_total{model="m",kind="vllm",key="key-1",type="prompt"} 5' in text
-    assert 'llm_gateway_request_seconds_bucket{model="m",kind="vllm",le="0.05"} 1' in text
-    assert 'llm_gateway_request_seconds_bucket{model="m",kind="vllm",le="0.025"} 0' in text
+    labels = f'model="m",kind="vllm",replica="{r}",key="key-1"'
+    assert f'llm_gateway_requests_total{{{labels},status="200"}} 1' in text
+    assert f'llm_gateway_tokens_total{{{labels},type="prompt"}} 5' in text
+    assert f'llm_gateway_request_seconds_bucket{{{labels},le="0.05"}} 1' in text
+    assert f'llm_gateway_request_seconds_bucket{{{labels},le="0.025"}} 0' in text
+    assert f"llm_gateway_first_byte_seconds_count{{{labels}}} 1" in text
 
 
 def test_status_and_usage_read_what_the_gateway_renders() -> None:
@@ -203,15 +206,16 @@ def test_status_and_usage_read_what_the_gateway_renders() -> None:
     from deploy.runtime.gateway.metrics import Metrics
 
     metrics = Metrics(started=0.0)  # up for long: the rates are over the whole window
-    for key, status, usage in [
-        ("alice", 200, {"prompt_tokens": 30, "completion_tokens": 6}),
-        ("alice", 200, {"prompt_tokens": 30, "completion_tokens": 6}),
-        ('bob "the agent"', 200, {"prompt_tokens": 5, "completion_tokens": 1}),
-        (r"c:\agents\n", 429, None),  # backslashes and quotes survive the label escaping
+    for key, replica, status, usage in [
+        ("alice", "http://a:1", 200, {"prompt_tokens": 30, "completion_tokens": 6}),
+        ("alice", "http://b:1", 200, {"prompt_tokens": 30, "completion_tokens": 6}),  # summed over replicas
+        ('bob "the agent"', "http://a:1", 200, {"prompt_tokens": 5, "completion_tokens": 1}),
+        (r"c:\agents\n", "-", 429, None),  # backslashes and quotes survive the label escaping
     ]:
         metrics.record(
-            model="m", kind="vllm", key=key, status=status, seconds=0.1, first_byte=0.05, usage=usage
-        )
+            model="m", kind="vllm", replica=replica, key=key, status=status, seconds=0.1, first_byte=0.05,
+            usage=usage,
+        )  # fmt: skip
     text = metrics.render()
     traffic = model_traffic(text)
     assert traffic["m"]["requests_per_s"] == pytest.approx(4 / 60, rel=1e-5)
