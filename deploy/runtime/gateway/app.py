@@ -82,9 +82,10 @@ class Gateway:
         self._keys = [(name, key.encode()) for name, key in keys]
         self.limits = limits = limits or Limits()
         self.table = RoutingTable()
-        # The controller's client (the routing table's refreshes); requests to replicas go
-        # through the forwarder's own pool.
-        self.client = httpx.AsyncClient(timeout=30.0)
+        # The registry's client (the controller, and each new replica's description); requests
+        # to replicas go through the forwarder's own pool. Idle connections expire before the
+        # other side's uvicorn closes them (5 s), so a refresh rarely meets one closed under it.
+        self.client = httpx.AsyncClient(timeout=30.0, limits=httpx.Limits(keepalive_expiry=2.0))
         self.registry = Registry(
             controller, self.table, self.client, refresh_interval, direct_engines=direct_engines
         )

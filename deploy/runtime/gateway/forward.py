@@ -178,7 +178,7 @@ class Forwarder:
                 while chunk := await response.content.readany():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                self.failed(replica, f"{_why(exc)} mid-stream", refused=_refused(exc))
+                self.failed(replica, f"{_why(exc)} mid-stream")  # it was answering: it is gone
                 failure = UpstreamFailed("the replica failed while streaming; the answer is incomplete")
                 await send({"type": "http.response.body", "body": error_event(failure), "more_body": True})
             await send({"type": "http.response.body", "body": b""})
