@@ -170,3 +170,10 @@ def test_a_local_spec_copies_the_default_on_free_ports_with_its_own_state(tmp_pa
     assert len(ports) == 3 and not ports & {21001, 8000, 31020}
     assert spec.models[0].path == str(tmp_path / "toy-model")
     assert spec.hosts[0].state_dir == str(tmp_path / "state-bench-x")
+
+
+def test_the_orchestration_of_up_is_what_is_outside_its_start_phases() -> None:
+    from bench.bench_multihost import orchestration
+
+    run = CliRun(("up",), 12.5, 0, UP_OUTPUT)  # "start API server and workers" took 11.7 s
+    assert orchestration(run) == pytest.approx(0.8)
