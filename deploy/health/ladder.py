@@ -30,6 +30,8 @@ from deploy.spec.model import ClusterSpec
 
 __all__ = ["Ladder", "Step", "completion_request", "port_probe"]
 
+ROUND_INTERVAL = 0.2  # seconds at most between two rounds of probes
+
 
 class Step(str, enum.Enum):
     """The rungs of the ladder, in order."""
@@ -166,9 +168,10 @@ class Ladder:
             self.on_progress([self._progress(t) for t in targets])
             return True if all(t.done for t in targets) else None
 
-        # Half a second at most between rounds: a round is one host-agent call per host over the
-        # connection kept open; longer pauses were, on average, that much added to every ``up``.
-        poll_until(round_, seconds=total, what="cluster ready", max_interval=0.5)
+        # A fifth of a second at most between rounds: a round is one host-agent call per host over
+        # the connection kept open (a few ms of CPU), and half the pause is, on average, added to
+        # every wait of ``up`` (it has three: the controller, the other components, health).
+        poll_until(round_, seconds=total, what="cluster ready", max_interval=ROUND_INTERVAL)
 
     def _progress(self, t: _Target) -> Progress:
         now = time.monotonic()
