@@ -21,7 +21,8 @@ Differences from upstream:
   addresses and loopback (upstream: anyone who can reach the port);
 - with ``--registration-secret-file``, every registration carries that secret (a Slurm job's
   way in, :mod:`deploy.runtime.registration`);
-- ``/worker_generate_stream`` runs each generation in one thread (:mod:`deploy.runtime.worker_stream`);
+- ``/worker_generate_stream`` runs each generation as one job of the loop's default executor, as
+  ``/worker_generate`` does (:mod:`deploy.runtime.worker_stream`);
 - it starts under transformers 5 (:mod:`deploy.runtime.compat`);
 - a taken port exits 1 before the model loads; no log file of its own.
 """

@@ -1,16 +1,18 @@
-"""The transformers worker's ``/worker_generate_stream``, with the generation in one thread.
+"""The transformers worker's ``/worker_generate_stream``, its generations in the loop's executor.
 
 FastChat's route hands its synchronous generator to Starlette's ``StreamingResponse``, which
-runs every ``next()`` in a thread of its own (``iterate_in_threadpool``): a thread hop, and a
-wait for a free pool thread, per chunk (every 2 tokens), each competing with the generations of
-the other requests for the GIL. Measured on the tiny model, 2 cores, 16 concurrent requests:
-the stream did ~0.8x the requests per second of ``/worker_generate`` (which runs a whole
-generation in one thread). :func:`patch_stream_route` replaces the route: each generation runs
-from start to end in one thread and hands its chunks to the event loop as they come; the answer
-is the same bytes. A client that goes away stops the generation at its next chunk, as before
-(``/worker_generate`` cannot: it runs to the end), and the worker's concurrency slot is freed
-once the generation has stopped (FastChat's frees it when the response ends, while a
-generation whose client went away may still be running).
+runs every ``next()`` through anyio's thread pool (up to 40 threads): every admitted request
+(``--limit-worker-concurrency``) generates at once, each a thread competing for the GIL and the
+cores. :func:`patch_stream_route` runs each generation from start to end as one job of the event
+loop's default executor, the pool FastChat's own ``/worker_generate`` uses (``os.cpu_count() + 4``
+threads, at most 32), and hands its chunks to the loop as they come; the answer is the same bytes.
+So at most that many generations advance at once, streamed or not, and the others wait for a
+thread. Measured on the tiny model, 2 cores, 16 concurrent requests (benchmark 10): FastChat's
+route did 0.86x the req/s of ``/worker_generate``, this one 0.97x; one thread per generation with
+no bound did 0.83x, so the gain is the bound, not fewer thread hops. A client that goes away stops
+the generation at its next chunk, as before (``/worker_generate`` cannot: it runs to the end),
+and the worker's concurrency slot is freed once the generation has stopped (FastChat's frees it
+when the response ends, while a generation whose client went away may still be running).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ _END = object()
 
 
 def in_one_thread(chunks: Iterator[bytes], on_end: Callable[[], None]) -> AsyncIterator[bytes]:
-    """Start iterating ``chunks`` in one worker thread now; yield them here as each comes.
+    """Start iterating ``chunks`` in the loop's default executor now; yield them here as each comes.
 
     ``on_end`` runs on the event loop once the thread is done with ``chunks``: at their end, or
     at the first chunk after the consumer stopped early (closed or cancelled the iterator). A
@@ -53,6 +55,8 @@ def in_one_thread(chunks: Iterator[bytes], on_end: Callable[[], None]) -> AsyncI
             loop.call_soon_threadsafe(queue.put_nowait, _END)
             loop.call_soon_threadsafe(on_end)
 
+    # The default executor on purpose: its bound is the one /worker_generate's generations run
+    # under too, so streamed and whole generations share it (see the module's docstring).
     loop.run_in_executor(None, run)
 
     async def relay() -> AsyncIterator[bytes]:

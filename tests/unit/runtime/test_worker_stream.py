@@ -120,3 +120,29 @@ def test_a_consumer_that_never_starts_still_frees_the_slot_at_the_generation_end
 
     asyncio.run(scenario())
     assert gen.made == 3 and gen.closed
+
+
+def test_generations_past_the_executor_bound_wait_for_a_thread_and_none_is_lost() -> None:
+    # The loop's default executor runs at most its max_workers generations at once (the bound
+    # FastChat's /worker_generate has); the others start as threads free up, and all finish.
+    from concurrent.futures import ThreadPoolExecutor
+
+    bound = 3
+    gens = [Generation(3) for _ in range(bound + 2)]
+
+    async def scenario() -> tuple[int, list[list[bytes]]]:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=bound))
+        relays = [in_one_thread(iter(g), lambda: None) for g in gens]
+        await asyncio.sleep(0.2)  # every running generation made its first chunk and waits
+        running = sum(g.made for g in gens)
+        for g in gens:
+            g.release.set()
+        got = []
+        for relay in relays:
+            got.append([chunk async for chunk in relay])
+        return running, got
+
+    running, got = asyncio.run(scenario())
+    assert running == bound
+    assert got == [[f"chunk{i}\0".encode() for i in range(3)]] * len(gens)
+    assert all(g.closed for g in gens)
