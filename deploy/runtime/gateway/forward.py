@@ -125,6 +125,10 @@ class Forwarder:
                 if await self._passthrough_once(replica, send, path, body, stream):
                     return
 
+    def _post(self, url: str, body: bytes) -> Any:
+        """A POST of ``body`` (JSON) on the pooled session (await it, or use it with ``async with``)."""
+        return self._session().post(url, data=body, headers=_JSON, timeout=self._timeout)
+
     def _session(self) -> aiohttp.ClientSession:
         # aiohttp for every call to a replica: per request it costs a fraction of httpx's CPU,
         # and on a 2-core host that CPU is the engine's. Created in the running loop, on first use.
@@ -143,9 +147,7 @@ class Forwarder:
     ) -> bool:
         """One attempt; False when the next replica should be tried (nothing was sent)."""
         try:
-            response = await self._session().post(
-                f"{replica.openai_url}{path}", data=raw, headers=_JSON, timeout=self._timeout
-            )
+            response = await self._post(f"{replica.openai_url}{path}", raw)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self.failed(replica, _why(exc), refused=_refused(exc))
             return False
@@ -193,9 +195,7 @@ class Forwarder:
             Retry: the replica cannot be reached (it is marked down).
         """
         try:
-            async with self._session().post(
-                f"{replica.url}{route}", data=json.dumps(body), headers=_JSON, timeout=self._timeout
-            ) as response:
+            async with self._post(f"{replica.url}{route}", json.dumps(body).encode()) as response:
                 raw = await response.read()
                 status = response.status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -225,12 +225,8 @@ class Forwarder:
         """
         started = False
         try:
-            async with self._session().post(
-                f"{replica.url}/worker_generate_stream",
-                data=json.dumps(params),
-                headers=_JSON,
-                timeout=self._timeout,
-            ) as response:
+            url = f"{replica.url}/worker_generate_stream"
+            async with self._post(url, json.dumps(params).encode()) as response:
                 if response.status != 200:
                     await response.read()
                     if response.status in (502, 503):
