@@ -43,8 +43,9 @@ HOSTS = ("head", "w1", "w2", "w3", "w4")
 START_PHASES = ("start controller", "start API server and workers")
 
 
-def ssh_spec(ws: Workspace, testbed: Any, name: str, workers: int) -> Path:
-    """A spec: controller and API server on ``head``, one tiny-model replica on each of w1..wN."""
+def ssh_spec(ws: Workspace, testbed: Any, name: str, workers: int, *, persist: float | None = None) -> Path:
+    """A spec: controller and API server on ``head``, one tiny-model replica on each of w1..wN
+    (``persist``: every host's ``ssh.persist``, else the default)."""
     names = ["head", *(f"w{i + 1}" for i in range(workers))]
     hosts = {
         h: {
@@ -52,7 +53,12 @@ def ssh_spec(ws: Workspace, testbed: Any, name: str, workers: int) -> Path:
             "address": testbed.hosts[h],
             "python": sys.executable,  # the hosts share this machine's files, so its venv too
             "state_dir": str(ws.root / name / f"state-{h}"),
-            "ssh": {"hostname": h, "config_file": str(testbed.ssh_config), "timeout": 5},
+            "ssh": {
+                "hostname": h,
+                "config_file": str(testbed.ssh_config),
+                "timeout": 5,
+                **({"persist": persist} if persist is not None else {}),
+            },
         }
         for h in names
     }
@@ -73,7 +79,7 @@ def ssh_spec(ws: Workspace, testbed: Any, name: str, workers: int) -> Path:
         ],
         "supervision": {"stop_grace": 5},
     }
-    path = ws.root / f"{name}.yaml"
+    path = ws.root / f"{name}{'-direct' if persist == 0 else ''}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return path
 
@@ -99,6 +105,9 @@ def main() -> None:
     ups: dict[int, list[CliRun]] = {n: [] for n in WORKER_COUNTS}
     reruns: list[CliRun] = []
     statuses: list[CliRun] = []
+    # The same commands with every connection direct (ssh.persist: 0): each opens its own.
+    direct_reruns: list[CliRun] = []
+    direct_statuses: list[CliRun] = []
     rounds = scaled(1, minimum=1)
     with workspace("bench-multihost-") as ws, tempfile.TemporaryDirectory(prefix="bench-hosts-") as hosts_dir:
         try:
@@ -111,17 +120,25 @@ def main() -> None:
                     ups[n].append(_up(ws, spec, n))
                     print(f"  round {index + 1}/{rounds}: 1+{n}: up {ups[n][-1].seconds:.2f}s", flush=True)
                     if n == max(WORKER_COUNTS) and not reruns:
+                        direct = ssh_spec(ws, testbed, spec.stem, n, persist=0)
                         for _ in range(scaled(3)):
-                            run = ws.up(spec)
-                            if "nothing changed" not in run.output:
-                                raise BenchError(
-                                    f"up on the healthy 1+{n} cluster changed something:\n{run.tail()}"
-                                )
-                            reruns.append(run)
-                            statuses.append(ws.cli("status", str(spec)))
+                            for which, ups_to, statuses_to in (
+                                (spec, reruns, statuses),
+                                (direct, direct_reruns, direct_statuses),
+                            ):
+                                run = ws.up(which)
+                                if "nothing changed" not in run.output:
+                                    raise BenchError(
+                                        f"up on the healthy 1+{n} cluster changed something:\n{run.tail()}"
+                                    )
+                                ups_to.append(run)
+                                statuses_to.append(ws.cli("status", str(which)))
                         print(
-                            f"  1+{n} re-run: median {median([r.seconds for r in reruns]):.2f}s", flush=True
+                            f"  1+{n} re-run: median {median([r.seconds for r in reruns]):.2f}s held, "
+                            f"{median([r.seconds for r in direct_reruns]):.2f}s direct",
+                            flush=True,
                         )
+                        ws.specs.remove(direct)
                     ws.down(spec)
                     ws.specs.remove(spec)
         finally:
@@ -142,17 +159,20 @@ def main() -> None:
         print(f"\nphases of up, 1 + {n}:")
         print(phase_table(runs))
     rerun = [r.seconds for r in reruns]
-    print()
-    print(
-        table(
-            ["command", "runs", "median s", "p90 s", "min s"],
-            [["llm-deploy up (healthy 1 + 4 cluster, SSH)", len(rerun), f"{median(rerun):.2f}",
-              f"{percentile(rerun, 90):.2f}", f"{min(rerun):.2f}"]],
-        )
-    )  # fmt: skip
-    print(phase_table(reruns))
     status = [r.seconds for r in statuses]
-    print(f"llm-deploy status (healthy 1 + 4 cluster, SSH): {len(status)} runs, median {median(status):.2f}s")
+    rows = []
+    for label, runs in (
+        ("up (healthy), connections held", reruns),
+        ("up (healthy), direct (ssh.persist: 0)", direct_reruns),
+        ("status, connections held", statuses),
+        ("status, direct (ssh.persist: 0)", direct_statuses),
+    ):
+        s = [r.seconds for r in runs]
+        rows.append([label, len(s), f"{median(s):.2f}", f"{percentile(s, 90):.2f}", f"{min(s):.2f}"])
+    print()
+    print("llm-deploy on the healthy 1 + 4 cluster over SSH:")
+    print(table(["command", "runs", "median s", "p90 s", "min s"], rows))
+    print(phase_table(reruns))
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     rerun_ratio = median(rerun) / RERUN_TARGET_S
     verdict = "met" if rerun_ratio <= 1 else "MISSED"

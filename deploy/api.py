@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from deploy.errors import DeployError
 from deploy.health.doctor import DoctorReport, open_connectors, run_doctor
 from deploy.health.status import ClusterStatus, cluster_status
 from deploy.health.traffic import KeyUsage, key_usage
+from deploy.hosts import holder
 from deploy.hosts.agent import HttpAnswer, http_op
 from deploy.hosts.connector import Connector
 from deploy.hosts.group import Hosts, UnreachableConnector, connect, observe, on_hosts
@@ -144,9 +145,11 @@ def down(
     """Stop every process of this cluster on every host; idempotent."""
     reporter = reporter or RecordingReporter()
     # A host that cannot be reached does not stop the others from being stopped; the PhaseFailed
-    # raised at the end carries every host's outcome.
+    # raised at the end carries every host's outcome. The cluster's held SSH connections close
+    # at the end, whatever the outcome.
     with (
         cluster_lock(spec.name, action="down"),
+        _holder_stopped(spec),
         connect(spec, connectors=connectors, allow_down=True) as hosts,
     ):
         grace = float(spec.supervision.stop_grace)
@@ -168,6 +171,14 @@ def down(
                 else "nothing was running"
             )
         return results
+
+
+@contextmanager
+def _holder_stopped(spec: ClusterSpec) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        holder.stop(holder.holder_dir(spec.name))
 
 
 def status(spec: ClusterSpec, *, connectors: Connectors = None) -> ClusterStatus:

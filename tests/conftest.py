@@ -112,3 +112,19 @@ def _no_import_check_marks_left() -> Iterator[None]:
     if not existed:
         with contextlib.suppress(OSError):
             marks.rmdir()  # made by this session, and empty again
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_ssh_holder_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """SSH connection holders (``deploy.hosts.holder``) outlive the commands that start them by
+    design; ``llm-deploy down`` and the tests' own fixtures stop theirs. Any still running under
+    this session's temporary folders at its end is stopped here, by its pid file."""
+    from deploy.hosts import holder
+
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            argv = cmdline.read_bytes().split(b"\0")
+            if b"deploy.hosts.holder" in argv and argv[-2].decode().startswith(base):
+                holder.stop(Path(argv[-2].decode()))

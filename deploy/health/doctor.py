@@ -100,7 +100,7 @@ def open_connectors(
 ) -> Iterator[dict[str, Connector]]:
     """One connector per host (SSH ones connect on first use), closed at the end unless given."""
     given = dict(given or {})
-    opened = {h.name: connector_for(h) for h in spec.hosts if h.name not in given}
+    opened = {h.name: connector_for(h, spec.name) for h in spec.hosts if h.name not in given}
     try:
         yield {**given, **opened}
     finally:

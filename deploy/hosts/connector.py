@@ -30,9 +30,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.errors import CommandTimeout, ConnectorError, TransferFailed
+from deploy.errors import CommandTimeout, ConnectionFailed, ConnectorError, TransferFailed
 
-__all__ = ["CommandResult", "Connector", "LineStream", "LocalConnector", "StreamCache"]
+__all__ = ["CommandResult", "Connector", "LineStream", "LocalConnector", "StreamCache", "require_ssh_config"]
 
 # What a shell answers for a command it cannot find; LocalConnector answers the same.
 EXIT_NOT_FOUND = 127
@@ -283,3 +283,11 @@ class LocalConnector(Connector):
             return Path(path).read_bytes()
         except OSError as exc:
             raise TransferFailed(self.host, f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def require_ssh_config(host: str, ssh_config: str | Path | None) -> None:
+    """Refuse an ``ssh.config_file`` that does not exist, naming the key (Fabric would raise a
+    bare FileNotFoundError from deep in its config loading)."""
+    if ssh_config is not None and not Path(os.path.expanduser(str(ssh_config))).is_file():
+        hint = f"fix or remove hosts.{host}.ssh.config_file"
+        raise ConnectionFailed(host, f"ssh config file {ssh_config} does not exist", hint=hint)

@@ -17,22 +17,27 @@ from typing import TypeVar
 from deploy.errors import DeployError, PhaseFailed
 from deploy.hosts.agent import HostAgent
 from deploy.hosts.connector import CommandResult, Connector, LocalConnector
+from deploy.hosts.holder import HeldConnector, holder_dir
 from deploy.hosts.observed import HostState, ObservedState
 from deploy.hosts.supervisor import Supervisor
 from deploy.render.components import host_paths
 from deploy.render.vllm.flags import serve_flags
 from deploy.render.vllm.versions import parse_install_probe, version_probe_argv
-from deploy.spec.model import ClusterSpec, HostSpec, VllmInstall
+from deploy.spec.model import ClusterSpec, HostSpec, SSHSpec, VllmInstall
 
 __all__ = ["Hosts", "UnreachableConnector", "connect", "observe", "on_hosts", "probe_vllm"]
 
 T = TypeVar("T")
 
 
-def connector_for(host: HostSpec) -> Connector:
-    """A connector for ``host``: local subprocesses, or SSH (``deploy.hosts.ssh``, imported lazily)."""
+def connector_for(host: HostSpec, cluster: str) -> Connector:
+    """A connector for ``host``: local subprocesses, or SSH, held between the commands on
+    ``cluster`` while ``ssh.persist`` says so (``deploy.hosts.holder``), else direct."""
     if host.is_local:
         return LocalConnector(host.name)
+    persist = (host.ssh or SSHSpec()).persist
+    if persist > 0:
+        return HeldConnector(host, holder_dir(cluster), persist)
     from deploy.hosts.ssh import SSHConnector  # Fabric/paramiko load only when a host needs them.
 
     return SSHConnector.from_spec(host)
@@ -160,7 +165,7 @@ def connect(
 
     def open_one(name: str) -> str:
         host = spec.host(name)
-        connector = given.get(name) or connector_for(host)
+        connector = given.get(name) or connector_for(host, spec.name)
         opened[name] = connector
         if name in engine_hosts:
             installs[name] = probe_vllm(connector, host, own_flags=True)

@@ -33,7 +33,7 @@ import paramiko
 from fabric import Config, Connection
 
 from deploy.errors import CommandTimeout, ConnectionFailed, ConnectorError, TransferFailed
-from deploy.hosts.connector import CommandResult, Connector, LineStream, StreamCache
+from deploy.hosts.connector import CommandResult, Connector, LineStream, StreamCache, require_ssh_config
 
 if TYPE_CHECKING:
     from deploy.spec.model import HostSpec
@@ -104,13 +104,7 @@ class SSHConnector(Connector):
         if key_file is not None:
             connect_kwargs.update(key_filename=[str(key_file)], look_for_keys=False, allow_agent=False)
         overrides = {"connect_kwargs": connect_kwargs, "timeouts": {"connect": math.ceil(connect_timeout)}}
-        if ssh_config is not None and not Path(os.path.expanduser(str(ssh_config))).is_file():
-            # Fabric would raise a bare FileNotFoundError from deep in its config loading.
-            raise ConnectionFailed(
-                host,
-                f"ssh config file {ssh_config} does not exist",
-                hint=f"fix or remove hosts.{host}.ssh.config_file",
-            )
+        require_ssh_config(host, ssh_config)
         config = Config(overrides=overrides, runtime_ssh_path=str(ssh_config) if ssh_config else None)
         gateway_conn = Connection(gateway, config=config.clone()) if gateway else None
         self._conn = Connection(address or host, user=user, port=port, config=config, gateway=gateway_conn)

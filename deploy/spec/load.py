@@ -179,6 +179,13 @@ def _positive(node: Node, key: str, default: float, kind: type[float] | type[int
     return value
 
 
+def _non_negative(node: Node, key: str, default: float) -> float:
+    value = node.get(key, float, default)
+    if value < 0:
+        raise node.error(f"must be >= 0 (got {value})", key)
+    return value
+
+
 def _choice(node: Node, key: str, choices: tuple[str, ...], default: str | None = None) -> str:
     value = node.get(key, str) if default is None else node.get(key, str, default)
     if value not in choices:
@@ -274,6 +281,7 @@ def _ssh(node: Node, base_dir: Path) -> SSHSpec:
         config_file=_optional_local_path(node, "config_file", base_dir),
         known_hosts=_optional_local_path(node, "known_hosts", base_dir),
         timeout=_positive(node, "timeout", SSHSpec.timeout),
+        persist=_non_negative(node, "persist", SSHSpec.persist),
     )
     node.done()
     return spec

@@ -64,6 +64,9 @@ class SSHSpec:
     config_file: str | None = None
     known_hosts: str | None = None
     timeout: float = 10.0  # seconds for connect, banner and authentication each
+    # Seconds the connection (and its host agent) stays open after a command, for the next one
+    # (deploy.hosts.holder); 0 closes it with the command.
+    persist: float = 60.0
 
 
 @dataclass(frozen=True)

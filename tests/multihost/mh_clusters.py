@@ -19,6 +19,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from deploy.cli import main
+from deploy.hosts import holder
 from devtools.testhosts import Testbed, host_processes
 
 
@@ -42,6 +43,13 @@ class SSHCluster:
 
     def host_processes(self, host: str) -> list[str]:
         """Command lines of every process in ``host``'s namespace except its sshd and sessions."""
+        return host_processes(self.testbed, host)
+
+    def started_processes(self, host: str) -> list[str]:
+        """:meth:`host_processes` once the cluster's held SSH connections are closed: what a
+        command that was refused (or ``down``) left besides the host agents kept for the next
+        command (``deploy.hosts.holder``; its own tests check those)."""
+        holder.stop(holder.holder_dir(self.name))
         return host_processes(self.testbed, host)
 
     def list_workers(self) -> dict[str, dict[str, object]]:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from mh_clusters import SSHCluster, write_ssh_cluster
 
+from deploy.hosts import holder
 from deploy.polling import poll_until
 from devtools.testhosts import Testbed
 
@@ -26,9 +27,13 @@ TestbedFactory = Callable[..., Testbed]
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test's own LLM_DEPLOY_HOME; the SSH connections its commands held are closed after it."""
     monkeypatch.setenv("LLM_DEPLOY_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("FASTCHAT_API_KEY", raising=False)
+    yield
+    for directory in (tmp_path / "home" / "ssh").glob("*"):
+        holder.stop(directory)
 
 
 def set_spec(c: SSHCluster, **changes: object) -> None:
@@ -87,7 +92,7 @@ def test_up_refuses_when_a_host_is_down_and_replicas_are_required(
     assert last.startswith("Error: doctor: w2 cannot be used and require_all_replicas is true"), last
     assert "✗ doctor" in result.output and "✓ head" in result.output  # every host's outcome
     assert "require_all_replicas: false" in result.output  # the way out
-    assert (c.host_processes("head"), c.host_processes("w1")) == ([], [])
+    assert (c.started_processes("head"), c.started_processes("w1")) == ([], [])
     assert not c.out.exists()
 
 
@@ -139,7 +144,7 @@ def test_doctor_names_the_direction_that_cannot_connect(
     assert "fix: allow TCP 21001 from" in lines[row + 1]
     up = c.cli("up", str(c.spec), "--output-dir", str(c.out))
     assert up.exit_code == 1 and "w1 reaches controller" in up.output.strip().splitlines()[-1]
-    assert (c.host_processes("head"), c.host_processes("w1")) == ([], [])
+    assert (c.started_processes("head"), c.started_processes("w1")) == ([], [])
 
 
 @pytest.fixture
@@ -199,4 +204,4 @@ def test_ssh_authentication_failure_is_one_line_naming_host_and_user(
         assert "Traceback" not in result.output
         w1 = [line for line in result.output.splitlines() if line.startswith("✗ w1")]
         assert len(w1) == 1 and "authentication failed for user root at" in w1[0], result.output
-    assert all(c.host_processes(h) == [] for h in ("head", "w1", "w2"))
+    assert all(c.started_processes(h) == [] for h in ("head", "w1", "w2"))

@@ -1,4 +1,8 @@
-"""SSHConnector against real sshd hosts in network namespaces (host key checking on)."""
+"""SSHConnector against real sshd hosts in network namespaces (host key checking on).
+
+The tests taking ``w1`` run twice: on a direct connection, and on one held by the cluster's
+connection holder (``deploy.hosts.holder``), which must behave the same.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +16,30 @@ from pathlib import Path
 import pytest
 
 from deploy.errors import CommandTimeout, ConnectionFailed, TransferFailed
+from deploy.hosts import holder
+from deploy.hosts.connector import Connector
+from deploy.hosts.holder import HeldConnector
 from deploy.hosts.ssh import SSHConnector
 from deploy.polling import poll_until
+from deploy.spec.model import HostSpec, SSHSpec
 from devtools.testhosts import Testbed, netns_pids
 
 
-@pytest.fixture(scope="module")
-def w1(test_hosts: Testbed) -> Iterator[SSHConnector]:
-    conn = SSHConnector("w1", ssh_config=test_hosts.ssh_config)
+@pytest.fixture(scope="module", params=["direct", "held"])
+def w1(
+    request: pytest.FixtureRequest, test_hosts: Testbed, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Connector]:
+    if request.param == "direct":
+        conn: Connector = SSHConnector("w1", ssh_config=test_hosts.ssh_config)
+    else:
+        ssh = SSHSpec(hostname="w1", config_file=str(test_hosts.ssh_config))
+        host = HostSpec("w1", test_hosts.hosts["w1"], "ssh", sys.executable, "/x", ssh)
+        directory = tmp_path_factory.mktemp("holder")
+        conn = HeldConnector(host, directory, persist=600)
     yield conn
     conn.close()
+    if request.param == "held":
+        assert holder.stop(directory)
 
 
 def new_key(tmp_path: Path) -> Path:
@@ -30,7 +48,7 @@ def new_key(tmp_path: Path) -> Path:
     return key
 
 
-def test_run_gives_exit_code_and_both_streams(w1: SSHConnector) -> None:
+def test_run_gives_exit_code_and_both_streams(w1: Connector) -> None:
     result = w1.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
     assert (result.host, result.exit_code, result.stdout, result.stderr) == ("w1", 3, "out\n", "err\n")
     assert not result.ok
@@ -40,13 +58,13 @@ def test_run_gives_exit_code_and_both_streams(w1: SSHConnector) -> None:
     assert missing.exit_code == 127
 
 
-def test_one_connection_is_reused(w1: SSHConnector) -> None:
+def test_one_connection_is_reused(w1: Connector) -> None:
     first = w1.run(["sh", "-c", 'echo "$SSH_CONNECTION"']).stdout
     second = w1.run(["sh", "-c", 'echo "$SSH_CONNECTION"']).stdout
     assert first == second  # same client port: the same TCP connection
 
 
-def test_env_reaches_the_command_but_no_command_line(w1: SSHConnector) -> None:
+def test_env_reaches_the_command_but_no_command_line(w1: Connector) -> None:
     secret = "s3cr3t-value-4b1d"
     env = {"AL_SECRET": secret, "AL_TRICKY": "two\nlines 'quoted' $HOME `x`"}
     script = (
@@ -64,14 +82,14 @@ def test_env_reaches_the_command_but_no_command_line(w1: SSHConnector) -> None:
     assert secret not in result.command
 
 
-def test_stdin_bytes_reach_the_command_after_the_env(w1: SSHConnector) -> None:
+def test_stdin_bytes_reach_the_command_after_the_env(w1: Connector) -> None:
     data = bytes(range(256)) * 64
     script = "import os, sys; print(os.environ['AL_X'], sys.stdin.buffer.read().hex())"
     result = w1.run([sys.executable, "-c", script], env={"AL_X": "1"}, stdin=data)
     assert result.stdout.split() == ["1", data.hex()]
 
 
-def test_put_and_get_round_trip_with_mode(w1: SSHConnector, tmp_path: Path) -> None:
+def test_put_and_get_round_trip_with_mode(w1: Connector, tmp_path: Path) -> None:
     target = tmp_path / "dir" / "secret.bin"  # the hosts share this machine's filesystem
     target.parent.mkdir()
     content = bytes(range(256))
@@ -87,7 +105,7 @@ def test_put_and_get_round_trip_with_mode(w1: SSHConnector, tmp_path: Path) -> N
         w1.put(b"x", str(tmp_path / "no-dir" / "f"))
 
 
-def test_timeout_raises_and_stops_the_command(w1: SSHConnector, test_hosts: Testbed) -> None:
+def test_timeout_raises_and_stops_the_command(w1: Connector, test_hosts: Testbed) -> None:
     with pytest.raises(CommandTimeout, match=r"^w1: `sleep 47` ran past its 0.5s timeout \(sent SIGTERM"):
         w1.run(["sleep", "47"], timeout=0.5)
 
@@ -178,8 +196,6 @@ def test_a_dropped_connection_is_reported_then_reopened(test_hosts: Testbed) -> 
 
 
 def test_from_spec_uses_the_cluster_spec_ssh_settings(test_hosts: Testbed) -> None:
-    from deploy.spec.model import HostSpec, SSHSpec
-
     ssh = SSHSpec(
         hostname=test_hosts.hosts["w2"], user="root", key_file=str(test_hosts.key_file), jump="head"
     )

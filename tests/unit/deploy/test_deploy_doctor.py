@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from deploy.errors import ConnectionFailed, DoctorFailed
+from deploy.errors import ConnectionFailed, DoctorFailed, SpecError
 from deploy.health.doctor import DoctorReport, HostProbe
 from deploy.health.doctor_rules import (
     MIN_DISK_FREE,
@@ -405,6 +405,12 @@ def test_spec_keys_for_ssh_and_degraded_starts(tmp_path: Path) -> None:
     assert ssh is not None
     assert (ssh.config_file, ssh.timeout) == (str(tmp_path / "ssh/config"), 3.0)
     assert ssh.known_hosts == str(Path("~/kh").expanduser())
+    assert ssh.persist == 60  # connections held for the next command (deploy.hosts.holder)
+    data["hosts"]["h"]["ssh"]["persist"] = 0
+    assert parse_cluster_spec(data, base_dir=tmp_path).host("h").ssh.persist == 0  # type: ignore[union-attr]
+    data["hosts"]["h"]["ssh"]["persist"] = -1
+    with pytest.raises(SpecError, match=r"hosts\.h\.ssh\.persist.*must be >= 0"):
+        parse_cluster_spec(data, base_dir=tmp_path)
 
 
 def test_a_missing_ssh_config_file_names_the_host_and_the_key(tmp_path: Path) -> None:
@@ -419,7 +425,7 @@ def test_a_missing_ssh_config_file_names_the_host_and_the_key(tmp_path: Path) ->
     }
     host = parse_cluster_spec(data, base_dir=tmp_path).host("h")
     with pytest.raises(ConnectionFailed) as caught:
-        connector_for(host)  # Fabric's own error was a bare FileNotFoundError with a traceback
+        connector_for(host, "t")  # Fabric's own error was a bare FileNotFoundError with a traceback
     assert caught.value.host == "h" and f"{tmp_path}/ssh/config does not exist" in str(caught.value)
     assert caught.value.hint == "fix or remove hosts.h.ssh.config_file"
 
