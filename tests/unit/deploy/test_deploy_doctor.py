@@ -389,14 +389,10 @@ def test_a_loopback_address_is_refused_once_hosts_differ() -> None:
 def test_spec_keys_for_ssh_and_degraded_starts(tmp_path: Path) -> None:
     assert make_spec().require_all_replicas is True
     assert make_spec(require_all_replicas=False).require_all_replicas is False
+    ssh_keys: dict[str, object] = {"config_file": "ssh/config", "known_hosts": "~/kh", "timeout": 3}
     data = {
         "cluster": "t",
-        "hosts": {
-            "h": {
-                **ssh_host("10.0.0.10"),
-                "ssh": {"config_file": "ssh/config", "known_hosts": "~/kh", "timeout": 3},
-            }
-        },
+        "hosts": {"h": {**ssh_host("10.0.0.10"), "ssh": ssh_keys}},
         "controller": {"host": "h"},
         "api_server": {"host": "h"},
         "models": [{"name": "m", "path": "/m", "conv_template": "x", "replicas": [{"host": "h"}]}],
@@ -406,9 +402,9 @@ def test_spec_keys_for_ssh_and_degraded_starts(tmp_path: Path) -> None:
     assert (ssh.config_file, ssh.timeout) == (str(tmp_path / "ssh/config"), 3.0)
     assert ssh.known_hosts == str(Path("~/kh").expanduser())
     assert ssh.persist == 60  # connections held for the next command (deploy.hosts.holder)
-    data["hosts"]["h"]["ssh"]["persist"] = 0
+    ssh_keys["persist"] = 0
     assert parse_cluster_spec(data, base_dir=tmp_path).host("h").ssh.persist == 0  # type: ignore[union-attr]
-    data["hosts"]["h"]["ssh"]["persist"] = -1
+    ssh_keys["persist"] = -1
     with pytest.raises(SpecError, match=r"hosts\.h\.ssh\.persist.*must be >= 0"):
         parse_cluster_spec(data, base_dir=tmp_path)
 
