@@ -4,7 +4,7 @@ Needs a running vLLM serving the tiny model as ``tiny`` (``$AGENT_LLM_VLLM_URL``
 without one) and, for the vllm-router row, ``$VLLM_ROUTER_BIN`` (the ``vllm-router`` console
 script of ``pip install vllm-router``). Started here: a controller, the vLLM bridge in front of
 that vLLM, our gateway (``python -m deploy.runtime.gateway``, key on) and, if given, vllm-router
-(``--policy round_robin``: one worker; no key: it has no client key check of its own) with the bridge as
+(``--policy round_robin``: one worker; no key: it has no client key check of its own) with vLLM as
 its one worker; and, for the ``hf`` kind, the FastChat stack with both FastChat's API server and
 our gateway on its controller; and the worker's own two generation routes, asked directly (what
 streaming costs the transformers worker).
@@ -16,7 +16,10 @@ Paths to the same generation (8 tokens, temperature 0, a fresh chat per request,
 - ``bridge``: the bridge's pass-through (the hop that keeps the engine on loopback);
 - ``gateway``: what a client of the cluster uses: gateway -> vLLM (the gateway calls vLLM
   directly where the bridge is on its host, as here; ``--via-bridge``: gateway -> bridge -> vLLM);
-- ``router``: vllm-router -> bridge -> vLLM.
+- ``floor``: the least a Python hop can be (:mod:`bench.floor_proxy`: uvicorn in, one pooled
+  aiohttp client out, nothing else) -> vLLM: what any Python proxy adds on this machine, the
+  gateway's own work being the difference;
+- ``router``: vllm-router -> vLLM (one hop, as the gateway's row).
 
 At concurrency 1 the paths alternate request by request (p50 of each); at 16 and 64 they
 alternate batch by batch (requests per second). CPU per request is the proxies' own
@@ -44,26 +47,26 @@ from deploy.security.secretfiles import write_secret_file
 from devtools.devstack import RuntimeLauncher, RuntimeProcess, free_port, gateway, stop_process, wait_for
 
 MODEL = "tiny"
-ROUNDS_C1 = 60
+ROUNDS_C1 = 200
 BATCHES = 3
 WORKER_ROUTES = ("/worker_generate", "/worker_generate_stream")
 
 
-def _start_router(binary: str, bridge: str, root: Path) -> tuple[RuntimeProcess, str]:
+def _start_proxy(name: str, argv: Sequence[str], root: Path) -> tuple[RuntimeProcess, str, int]:
+    """Start a proxy given its argv without the port (appended by ``argv``'s ``{port}``)."""
     port = free_port()
-    log = root / "router.log"
+    log = root / f"{name}.log"
     with log.open("ab") as out:
         popen = subprocess.Popen(
-            [binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", bridge,
-             "--policy", "round_robin", "--log-level", "warning"],
+            [a.format(port=port) for a in argv],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-    proc = RuntimeProcess("vllm-router", popen, log)
+    proc = RuntimeProcess(name, popen, log)
     url = f"http://127.0.0.1:{port}"
     body = {"model": MODEL, "messages": chat(0), **GENERATION}
     wait_for(lambda: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10).is_success,
-             what="vllm-router", watch=[proc], timeout=120)  # fmt: skip
-    return proc, url
+             what=name, watch=[proc], timeout=120)  # fmt: skip
+    return proc, url, popen.pid
 
 
 def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
@@ -72,7 +75,7 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
     write_secret_file(root / "api_keys", key + "\n")
     bport = free_port()
     bridge_url = f"http://127.0.0.1:{bport}"
-    router: RuntimeProcess | None = None
+    extra: dict[str, tuple[RuntimeProcess, str, int]] = {}  # floor, router: process, url, pid
     try:
         _controller, controller_url = launcher.controller()
         bridge = launcher.start(
@@ -85,8 +88,13 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
         )
         with gateway(launcher, controller_url=controller_url, key_file=root / "api_keys", api_key=key,
                      models=[MODEL], args=("--per-key-concurrency", "1024")) as front:  # fmt: skip
+            extra["floor"] = _start_proxy(
+                "floor", [sys.executable, "-m", "bench.floor_proxy", "{port}", engine], root
+            )
             if router_bin:
-                router, router_url = _start_router(router_bin, bridge_url, root)
+                argv = [router_bin, "--host", "127.0.0.1", "--port", "{port}", "--worker-urls", engine,
+                        "--policy", "round_robin", "--log-level", "warning"]  # fmt: skip
+                extra["router"] = _start_proxy("vllm-router", argv, root)
             runner = LoopRunner()
             try:
                 client = httpx.AsyncClient(
@@ -98,13 +106,10 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
                     "bridge": post_chat(client, f"{bridge_url}/v1/chat/completions", {}, MODEL),
                     "gateway": post_chat(client, f"{front.root}/v1/chat/completions", auth, MODEL),
                 }
-                pids: dict[str, Sequence[int]] = {
-                    "bridge": [bridge.pid],
-                    "gateway": [front.process.pid, bridge.pid],
-                }
-                if router is not None:
-                    paths["router"] = post_chat(client, f"{router_url}/v1/chat/completions", {}, MODEL)
-                    pids["router"] = [router.pid, bridge.pid]
+                pids: dict[str, Sequence[int]] = {"bridge": [bridge.pid], "gateway": [front.process.pid]}
+                for name, (_proc, url, pid) in extra.items():
+                    paths[name] = post_chat(client, f"{url}/v1/chat/completions", {}, MODEL)
+                    pids[name] = [pid]
                 c1 = runner.run(alternate_c1(paths, scaled(ROUNDS_C1)))
                 rows = []
                 rates = {}
@@ -121,14 +126,20 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
                         f"{rates[64][name] / rates[64]['direct']:.3f}",
                         f"{cpu16.get(name, 0) * 1000:.1f}" if name in pids else "-",
                     ])  # fmt: skip
-                print("### vllm kind: the same chat by four paths\n")
+                print(f"### vllm kind: the same chat by {len(paths)} paths\n")
                 print(table(["path", "p50 c=1", "added ms", "req/s c=16", "req/s c=64", "x direct c=64",
                              "proxy CPU ms/req (c=16)"], rows))  # fmt: skip
                 print()
                 added = (median(c1["gateway"]) - median(c1["direct"])) * 1000
                 print(ratio_line("front_door_added_ms_c1", added, "<= 1 ms"))
                 print(ratio_line("front_door_c64", rates[64]["gateway"] / rates[64]["direct"], ">= 0.95x"))
-                if router is not None:
+                over_floor = (median(c1["gateway"]) - median(c1["floor"])) * 1000
+                print(
+                    ratio_line(
+                        "front_door_added_ms_c1_over_floor", over_floor, "the gateway's own work (reported)"
+                    )
+                )
+                if "router" in extra:
                     print(
                         ratio_line(
                             "vllm_router_c64", rates[64]["router"] / rates[64]["direct"], "(for the decision)"
@@ -138,8 +149,8 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
             finally:
                 runner.close()
     finally:
-        if router is not None:
-            stop_process(router)
+        for proc, _url, _pid in extra.values():
+            stop_process(proc)
         launcher.stop_all()
 
 
