@@ -41,6 +41,7 @@ __all__ = [
     "render_fschat_yaml",
     "render_model_yaml",
     "update_env",
+    "verify_with_backend",
     "write_client_config",
 ]
 
@@ -172,6 +173,10 @@ def _import_backend() -> None:
     try:
         for module in ("hydra", "hydra.utils", BACKEND_TARGET.rsplit(".", 1)[0]):
             importlib.import_module(module)  # as Hydra's instantiate of the config's _target_ does
+        import openai
+
+        # The client's HTTP transport is imported when the first client is made (~30 ms).
+        openai.OpenAI(api_key="preload", base_url="http://127.0.0.1:9/v1").close()
     except Exception:  # noqa: S110 (the verification imports them again and says what failed)
         pass
 

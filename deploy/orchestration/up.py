@@ -16,13 +16,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.errors import ComponentFailed, PreflightError
+from deploy.errors import ClientConfigError, ComponentFailed, PreflightError
 from deploy.health.ladder import Ladder
 from deploy.hosts.agent import http_op
 from deploy.hosts.group import Hosts, observe, on_hosts
 from deploy.orchestration import slurm
 from deploy.orchestration.admission import without_hosts
-from deploy.orchestration.clientconfig import ClientConfig, ServedModel, write_client_config
+from deploy.orchestration.clientconfig import (
+    ClientConfig,
+    ServedModel,
+    verify_with_backend,
+    write_client_config,
+)
 from deploy.orchestration.plan import (
     Plan,
     RestartComponent,
@@ -336,18 +341,35 @@ def run_up(
                 reporter.note(f"  submitted {name}: job {job}")
             jobs = slurm.wait_serving(hosts, reporter)
             phase.detail = "; ".join(f"{j.name} {j.describe()}" for j in jobs)
+    model_names = [m.name for m in spec.models]
+    answer = f"{len(spec.models)} model(s) answer through {spec.api_server.base_url}"
     with reporter.phase("health") as phase:
         if plan:
             ladder.wait_components(plan.components)
         # else everything ran with this spec a moment ago (the plan saw it): one completion per
         # model through the API server proves the whole path, without probing each worker.
-        ladder.wait_models([m.name for m in spec.models])
         cert_pem = api_certificate(hosts)
         check_api_from_here(spec.api_server.base_url, cert_pem)
-        phase.detail = f"{len(spec.models)} model(s) answer through {spec.api_server.base_url}"
+        if output_dir is None:
+            ladder.wait_models(model_names)
+            phase.detail = answer
+        else:
+            # The client config's own completion per model (from here, through the generated
+            # files) is that proof: the same request, made once, below.
+            phase.detail = f"components ready, {spec.api_server.base_url} reached from here"
     models = served_models(hosts, list(plan.components), jobs)
     client = None
     if output_dir is not None:
+
+        def verify(configs_root: Path, model: ServedModel, api_key: str | None) -> None:
+            try:
+                verify_with_backend(configs_root, model, api_key)
+            except ClientConfigError:
+                # Not routable yet? Wait for it as health does (its readiness error if it never
+                # answers), then judge the generated files again.
+                ladder.wait_models([model.name])
+                verify_with_backend(configs_root, model, api_key)
+
         with reporter.phase("client config") as phase, trusting(cert_pem):
             client = write_client_config(
                 output_dir,
@@ -356,8 +378,12 @@ def run_up(
                 models=models,
                 api_key=key,
                 env_var=spec.api_server.key_env_var if key else None,
+                verify=verify,
             )
-            phase.detail = f"{len(client.changed)} file(s) written" if client.changed else "up to date"
+            if not client.changed:  # files as generated before, not verified again: prove serving
+                ladder.wait_models(model_names)
+            written = f"{len(client.changed)} file(s) written" if client.changed else "up to date"
+            phase.detail = f"{written}; {answer}"
     return UpResult(plan, spec.api_server.base_url, client, models)
 
 

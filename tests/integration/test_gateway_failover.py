@@ -79,3 +79,39 @@ def test_per_key_concurrency_limit_is_a_429(fastchat_stack: Stack, runtime_launc
             codes = sorted(pool.map(lambda _: call(), range(3)))
         assert codes[0] == 200 and 429 in codes, codes
         assert call() == 200  # the slot is free again
+
+
+def test_the_first_token_check_after_a_worker_registers_finds_it(
+    runtime_launcher: RuntimeLauncher, tiny_model: Path, tmp_path: Path
+) -> None:
+    """``agent_llm``'s first call is a token count: right after ``up`` the worker may have
+    registered after the gateway's last refresh. That call looks the model up again, as the
+    completion routes do, rather than answering 404 (it did, found through ``up``'s own proof)."""
+    launcher = runtime_launcher
+    key = secrets.token_urlsafe(16)
+    key_file = tmp_path / "api_keys"
+    write_secret_file(key_file, key + "\n")
+    controller, controller_url = launcher.controller()
+    # No interval refresh during the test: only a request can make the gateway look again.
+    with gateway(launcher, controller_url=controller_url, key_file=key_file, api_key=key, models=[],
+                 args=("--refresh-interval", "600")) as front:  # fmt: skip
+        port = launcher.free_port()
+        worker = launcher.start(
+            "model_worker",
+            *("--model-path", str(tiny_model), "--model-names", MODEL, "--conv-template", CONV_TEMPLATE),
+            *("--device", "cpu", "--seed", "42", "--controller-address", controller_url),
+            *("--worker-address", f"http://127.0.0.1:{port}", "--host", "127.0.0.1", "--port", str(port)),
+            name="worker",
+        )
+        launcher.wait_registered(controller_url, MODEL, 1, watch=[controller, worker])
+        status = f"http://127.0.0.1:{port}/worker_get_status"
+        launcher.wait_for(lambda: httpx.post(status, timeout=5).is_success, what="the worker", watch=[worker])
+        reply = httpx.post(
+            f"{front.root}/api/v1/token_check",
+            json={"prompts": [{"model": MODEL, "prompt": "Hello there", "max_tokens": 4}]},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+    assert reply.status_code == 200, reply.text
+    (counted,) = reply.json()["prompts"]
+    assert counted["tokenCount"] > 0 and counted["fits"] is True

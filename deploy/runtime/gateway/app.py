@@ -243,15 +243,7 @@ class Gateway:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' is required (a model name from /v1/models)", param="model")
-        if not self.table.models().get(model):
-            await self.registry.refresh_soon()  # registered a moment ago? (waits ≤ 1 s)
-        kind = self.table.kind(model)
-        if kind is None:
-            if not self.registry.refreshed.is_set():
-                raise NoReplica("the server is starting and knows no replica yet; retry shortly")
-            if model in self.table.ever:
-                raise NoReplica(f"no replica of {model!r} is up at the moment; retry shortly")
-            raise ModelNotFound(model, self.table.served())
+        kind = await self._kind(model)
         check_request(body, self.limits)
         affinity = _affinity(scope, body)
         stream = bool(body.get("stream"))
@@ -263,6 +255,24 @@ class Gateway:
             await self.hf.completions(send, body, model, affinity)
         else:
             raise Unsupported(path, kind, what=f"the route {path}")
+
+    async def _kind(self, model: str) -> str:
+        """The kind of ``model``'s replicas; a model not in the table is looked up once more.
+
+        Raises:
+            NoReplica: none is up now (or the server knows none yet): retry shortly.
+            ModelNotFound: the registry has never had it.
+        """
+        if not self.table.models().get(model):
+            await self.registry.refresh_soon()  # registered a moment ago? (waits ≤ 1 s)
+        kind = self.table.kind(model)
+        if kind is None:
+            if not self.registry.refreshed.is_set():
+                raise NoReplica("the server is starting and knows no replica yet; retry shortly")
+            if model in self.table.ever:
+                raise NoReplica(f"no replica of {model!r} is up at the moment; retry shortly")
+            raise ModelNotFound(model, self.table.served())
+        return kind
 
     async def _models(self, send: Any, path: str) -> None:
         cards: list[dict[str, Any]] = [
@@ -299,8 +309,9 @@ class Gateway:
         for i, item in enumerate(items):
             model = item.get("model") if isinstance(item, dict) else None
             prompt = item.get("prompt") if isinstance(item, dict) else None
-            if not isinstance(model, str) or self.table.kind(model) is None:
+            if not isinstance(model, str):
                 raise ModelNotFound(model, self.table.served())
+            await self._kind(model)
             if not isinstance(prompt, str):
                 raise BadRequest("a prompt must be a string", param=f"prompts[{i}].prompt")
             count = await self.hf.count(model, prompt, None)
