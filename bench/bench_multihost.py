@@ -12,7 +12,10 @@ All hosts share this machine's two cores, so N workers load their models on two 
 time includes four model loads competing for CPU, which separate machines would not.
 
 Benchmark 3's SSH part also runs here, on the 1+4 cluster while it is up: ``llm-deploy up`` on
-the healthy cluster, again and again (it must change nothing).
+the healthy cluster, again and again (it must change nothing), and ``llm-deploy status``; each
+with the connections held between commands (``deploy.hosts.holder``, the default) and, in turn,
+with every connection direct (``ssh.persist: 0``); and ``status`` as the first command after the
+holder went (it starts one).
 
 Ratios: ``up`` for N=4 over N=1 (target at most 1.3; also without the start phases, the
 orchestration's share apart from the model loads), and the 1+4 re-run's median over 2 s
@@ -34,6 +37,7 @@ import yaml
 
 from bench.cluster import BenchError, CliRun, Workspace, phase_table, workspace
 from bench.measure import median, percentile, ratio_line, scaled, table
+from deploy.hosts import holder
 
 WORKER_COUNTS = (1, 2, 4)
 TARGET = 1.3
@@ -108,6 +112,7 @@ def main() -> None:
     # The same commands with every connection direct (ssh.persist: 0): each opens its own.
     direct_reruns: list[CliRun] = []
     direct_statuses: list[CliRun] = []
+    cold_statuses: list[CliRun] = []  # the first command after the holder went (a holder to start)
     rounds = scaled(1, minimum=1)
     with workspace("bench-multihost-") as ws, tempfile.TemporaryDirectory(prefix="bench-hosts-") as hosts_dir:
         try:
@@ -133,6 +138,8 @@ def main() -> None:
                                     )
                                 ups_to.append(run)
                                 statuses_to.append(ws.cli("status", str(which)))
+                            holder.stop(Path(ws.env["LLM_DEPLOY_HOME"]) / "ssh" / spec.stem)
+                            cold_statuses.append(ws.cli("status", str(spec)))
                         print(
                             f"  1+{n} re-run: median {median([r.seconds for r in reruns]):.2f}s held, "
                             f"{median([r.seconds for r in direct_reruns]):.2f}s direct",
@@ -166,6 +173,7 @@ def main() -> None:
         ("up (healthy), direct (ssh.persist: 0)", direct_reruns),
         ("status, connections held", statuses),
         ("status, direct (ssh.persist: 0)", direct_statuses),
+        ("status, first with no holder running", cold_statuses),
     ):
         s = [r.seconds for r in runs]
         rows.append([label, len(s), f"{median(s):.2f}", f"{percentile(s, 90):.2f}", f"{min(s):.2f}"])
