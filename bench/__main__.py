@@ -92,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m bench: no benchmark {', '.join(unknown)} (have: {have})", file=sys.stderr)
         return 2
     env = dict(os.environ)
+    # With Python's bytecode cache, as users have it: some sandboxes set this, and then every
+    # `llm-deploy` and component start compiles the project's modules again (40-70 ms each).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if args.quick:
         env[SCALE_ENV] = QUICK_SCALE
     header = _header()

@@ -267,7 +267,8 @@ def _start(directory: Path) -> None:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        close_fds=True,
+        close_fds=True,  # the command's cluster lock, among others, stays the command's
+        cwd="/",  # it outlives the command: it must not hold the command's folder
     ) as proc:
         assert proc.stdout is not None
         # The holder forks: the child prints "ready" once it listens, the parent exits at once.
