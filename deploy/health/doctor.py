@@ -19,7 +19,7 @@ import importlib.metadata
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -184,19 +184,23 @@ def _reachability(
     for src, c in pairs:
         sources.setdefault(src, []).append(c)
     with ThreadPoolExecutor(max_workers=max(1, len(stand_ins))) as pool:
-        listeners = [
-            pool.submit(
+        # In the background of each host's agent (it answers once bound), so that the same agent
+        # makes that host's own connections meanwhile, rather than a new process per host; an
+        # agent run once per call (no kept stream) answers only when done, as before.
+        listeners = {
+            host: pool.submit(
                 agents[host].one,
                 {
                     "op": "listen",
                     "sockets": [[c.bind, c.port] for c in targets],
                     "seconds": REACH_TIMEOUT + 5,
                     "expect": sum(c in targets for _, c in pairs),
+                    "background": True,
                 },
                 timeout=REACH_TIMEOUT + 30,
             )
             for host, targets in stand_ins.items()
-        ]
+        }
 
         def connect_from(src: str) -> list[dict[str, Any]]:
             ops = [
@@ -215,8 +219,12 @@ def _reachability(
             answers: Mapping[str, object] = on_hosts("reachability", sources, connect_from)
         except DeployError as exc:
             answers = getattr(exc, "results", {})
-        for listener in listeners:
-            listener.exception()  # wait; a failed stand-in shows as an unreachable target below
+        for host, listener in listeners.items():
+            # Wait until every stand-in is closed (the components start on those ports next); a
+            # failed stand-in shows as an unreachable target below.
+            if listener.exception() is None and "id" in (started := listener.result()):
+                with suppress(DeployError):
+                    agents[host].one({"op": "listen_result", "id": started["id"]}, timeout=REACH_TIMEOUT + 30)
     return reachability_checks(spec, sources, answers)
 
 

@@ -34,9 +34,12 @@ Operations (``op`` key), and what they answer:
   "gpus": {"present": bool, "indexes": [int], "error": str}, "disk_free": int, "time": float,
   "state_dir": str | None}`` (why ``state_dir`` would refuse ``disk_path``, or None)
   (``doctor``'s questions about one host, answered in one round trip).
-- ``listen`` ``sockets: [[address, port]], seconds, expect`` -> ``{"bound": [str], "peers":
-  [str]}``: accept connections for a while (a stand-in for a component not yet started, so
-  ``doctor`` can prove a port is reachable before anything listens on it).
+- ``listen`` ``sockets: [[address, port]], seconds, expect, background?`` -> ``{"bound": [str],
+  "peers": [str]}``: accept connections for a while (a stand-in for a component not yet
+  started, so ``doctor`` can prove a port is reachable before anything listens on it). With
+  ``background`` (an agent in ``--serve`` mode only), it answers once bound, with an ``id``,
+  and keeps accepting in a thread, so the same agent can make its own connections meanwhile;
+  ``listen_result`` ``id`` waits for the rest and answers the peers (the sockets are closed).
 - ``connect`` ``address, port, timeout, retry_refused`` -> ``{"ok": bool, "error": str}``: a TCP
   connection from this host.
 """
@@ -146,9 +149,10 @@ class FactsAnswer(TypedDict):
     state_dir: str | None  # why the state directory is unsafe (None: it is fine)
 
 
-class ListenAnswer(TypedDict):
+class ListenAnswer(TypedDict, total=False):
     bound: list[str]
     peers: list[str]
+    id: str  # a background listener's, for listen_result
 
 
 Answer = (
@@ -165,6 +169,11 @@ Answer = (
     | FactsAnswer
     | ListenAnswer
 )
+
+
+# Background listeners of a --serve agent (op_listen), by id, until listen_result collects them.
+_LISTENERS: dict[str, tuple[Any, ListenAnswer]] = {}
+_SERVING = False
 
 
 def op_rpc(req: dict[str, Any]) -> RpcAnswer:
@@ -411,9 +420,9 @@ def op_listen(req: dict[str, Any]) -> ListenAnswer:
     import time
 
     deadline = time.monotonic() + float(req.get("seconds", 10))
+    expect = int(req.get("expect", 0))
     sel = selectors.DefaultSelector()
     bound: list[str] = []
-    peers: list[str] = []
     for address, port in req["sockets"]:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -425,15 +434,38 @@ def op_listen(req: dict[str, Any]) -> ListenAnswer:
             continue
         sel.register(s, selectors.EVENT_READ)
         bound.append(f"{address}:{port}")
+    answer: ListenAnswer = {"bound": bound, "peers": []}
+    if req.get("background") and _SERVING:
+        import threading
+
+        thread = threading.Thread(target=_accept, args=(sel, expect, deadline, answer["peers"]), daemon=True)
+        thread.start()
+        key = str(len(_LISTENERS) + 1)
+        _LISTENERS[key] = (thread, answer)
+        return {**answer, "id": key}
+    _accept(sel, expect, deadline, answer["peers"])
+    return answer
+
+
+def _accept(sel: Any, expect: int, deadline: float, peers: list[str]) -> None:
+    """Accept on ``sel``'s sockets until ``expect`` peers connected or the deadline; close them."""
+    import time
+
     # Stops early once every expected peer connected; the deadline bounds it otherwise.
-    while bound and len(peers) < int(req.get("expect", 0)) and (left := deadline - time.monotonic()) > 0:
+    while sel.get_map() and len(peers) < expect and (left := deadline - time.monotonic()) > 0:
         for key, _ in sel.select(timeout=left):
-            conn, peer = key.fileobj.accept()  # type: ignore[union-attr]
+            conn, peer = key.fileobj.accept()
             peers.append(peer[0])
             conn.close()
     for key in list(sel.get_map().values()):
-        key.fileobj.close()  # type: ignore[union-attr]
-    return {"bound": bound, "peers": peers}
+        key.fileobj.close()
+    sel.close()
+
+
+def op_listen_result(req: dict[str, Any]) -> ListenAnswer:
+    thread, answer = _LISTENERS.pop(str(req["id"]))
+    thread.join()
+    return answer
 
 
 def op_connect(req: dict[str, Any]) -> OkAnswer:
@@ -456,7 +488,8 @@ def op_connect(req: dict[str, Any]) -> OkAnswer:
             return {"ok": False, "error": error}
 
     try:
-        return poll_until(attempt, seconds=timeout, what="connect", max_interval=0.3)
+        # A refusal costs nothing to ask again, and doctor waits on the slowest connect.
+        return poll_until(attempt, seconds=timeout, what="connect", first_interval=0.02, max_interval=0.1)
     except DeadlineExceeded:
         return {"ok": False, "error": last["error"]}
 
@@ -478,6 +511,8 @@ def serve() -> None:
 
     A request that fails answers ``{"agent_error": "..."}`` and the agent keeps serving.
     """
+    global _SERVING
+    _SERVING = True
     for line in iter(sys.stdin.buffer.readline, b""):
         try:
             reply: object = answer(json.loads(line))

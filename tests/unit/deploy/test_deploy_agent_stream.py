@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -83,3 +84,36 @@ def test_no_answer_within_the_timeout_raises_and_breaks_the_stream(connector: Lo
     stream = connector.stream(SERVE)
     assert stream is not None and not stream.broken  # a fresh one replaced the timed-out agent
     assert agent.one({"op": "home"})["home"]
+
+
+def test_a_background_listener_leaves_its_agent_free_to_connect_to_it(
+    connector: LocalConnector, free_port: Callable[[], int]
+) -> None:
+    """doctor's stand-ins: the host that listens is also a source (the head reaches the workers,
+    the workers reach the head), and its own connections go through the same agent meanwhile,
+    instead of a new agent process per host."""
+    agent = HostAgent(connector, sys.executable)
+    port = free_port()
+    sockets = [["127.0.0.1", port]]
+    listen = {"op": "listen", "sockets": sockets, "seconds": 20, "expect": 2, "background": True}
+    started = agent.one(listen)
+    assert started["bound"] == [f"127.0.0.1:{port}"] and started["peers"] == [] and started["id"]
+    connect = {"op": "connect", "address": "127.0.0.1", "port": port, "timeout": 5}
+    assert agent.call([connect, connect]) == [{"ok": True, "error": ""}] * 2  # the same agent
+    done = agent.one({"op": "listen_result", "id": started["id"]})
+    assert done["peers"] == ["127.0.0.1", "127.0.0.1"]
+    refused = agent.one({**connect, "timeout": 0.5})
+    assert not refused["ok"]  # the stand-in is closed once its result is collected
+
+
+def test_an_agent_run_once_listens_to_the_end_before_answering(free_port: Callable[[], int]) -> None:
+    """Without a kept stream there is no later call to collect a background listener."""
+    port = free_port()
+    request = {"ops": [{"op": "listen", "sockets": [["127.0.0.1", port]], "seconds": 0.3, "expect": 1,
+                        "background": True}]}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy.runtime.hostagent"],
+        input=json.dumps(request).encode(), capture_output=True, timeout=30, check=True,
+    )  # fmt: skip
+    (answer,) = json.loads(done.stdout)
+    assert answer == {"bound": [f"127.0.0.1:{port}"], "peers": []}  # no id: it waited its 0.3 s
