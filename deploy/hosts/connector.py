@@ -29,10 +29,23 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from deploy.errors import CommandTimeout, ConnectionFailed, ConnectorError, TransferFailed
+from deploy.spec.model import SSHSpec
 
-__all__ = ["CommandResult", "Connector", "LineStream", "LocalConnector", "StreamCache", "require_ssh_config"]
+if TYPE_CHECKING:
+    from deploy.spec.model import HostSpec
+
+__all__ = [
+    "CommandResult",
+    "Connector",
+    "LineStream",
+    "LocalConnector",
+    "StreamCache",
+    "require_ssh_config",
+    "ssh_connect_args",
+]
 
 # What a shell answers for a command it cannot find; LocalConnector answers the same.
 EXIT_NOT_FOUND = 127
@@ -291,3 +304,29 @@ def require_ssh_config(host: str, ssh_config: str | Path | None) -> None:
     if ssh_config is not None and not Path(os.path.expanduser(str(ssh_config))).is_file():
         hint = f"fix or remove hosts.{host}.ssh.config_file"
         raise ConnectionFailed(host, f"ssh config file {ssh_config} does not exist", hint=hint)
+
+
+def ssh_connect_args(
+    host: HostSpec, *, ssh_config: str | Path | None = None, known_hosts: str | Path | None = None
+) -> dict[str, Any]:
+    """``deploy.hosts.ssh.SSHConnector``'s arguments for a spec's SSH host (JSON-able).
+
+    It connects to ``ssh.hostname`` (an address, DNS name or ssh_config alias), else to the
+    host's ``address``. A spec port of 22 (the default) leaves ssh_config's Port in force.
+    ``ssh_config`` and ``known_hosts`` replace the spec's.
+    """
+    ssh = host.ssh or SSHSpec()
+    config = ssh_config or ssh.config_file
+    known = known_hosts or ssh.known_hosts
+    return {
+        "host": host.name,
+        "address": ssh.hostname or host.address,
+        "user": ssh.user,
+        "port": ssh.port if ssh.port != 22 else None,
+        "key_file": os.path.abspath(os.path.expanduser(ssh.key_file)) if ssh.key_file else None,
+        "gateway": ssh.jump,
+        "ssh_config": str(config) if config else None,
+        "known_hosts": str(known) if known else None,
+        "check_host_keys": ssh.strict_host_key_checking,
+        "connect_timeout": ssh.timeout,
+    }

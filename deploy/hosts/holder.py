@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deploy.errors import CommandTimeout, ConnectionFailed, ConnectorError, DeployError, TransferFailed
-from deploy.hosts.connector import CommandResult, Connector, LineStream, require_ssh_config
-from deploy.spec.model import HostSpec, SSHSpec, deploy_home
+from deploy.hosts.connector import CommandResult, Connector, LineStream, require_ssh_config, ssh_connect_args
+from deploy.spec.model import HostSpec, deploy_home
 
 if TYPE_CHECKING:
     from deploy.hosts.ssh import SSHConnector
@@ -64,23 +64,6 @@ _ERRORS: dict[str, type[ConnectorError]] = {
 def holder_dir(cluster: str) -> Path:
     """The cluster's holder directory (its socket, pid file and log)."""
     return deploy_home() / "ssh" / cluster
-
-
-def connect_args(host: HostSpec) -> dict[str, Any]:
-    """The :class:`~deploy.hosts.ssh.SSHConnector` arguments for ``host`` (JSON-able)."""
-    ssh = host.ssh or SSHSpec()
-    return {
-        "host": host.name,
-        "address": ssh.hostname or host.address,
-        "user": ssh.user,
-        "port": ssh.port if ssh.port != 22 else None,
-        "key_file": os.path.abspath(os.path.expanduser(ssh.key_file)) if ssh.key_file else None,
-        "gateway": ssh.jump,
-        "ssh_config": ssh.config_file,
-        "known_hosts": ssh.known_hosts,
-        "check_host_keys": ssh.strict_host_key_checking,
-        "connect_timeout": ssh.timeout,
-    }
 
 
 def _stamps(args: Mapping[str, Any]) -> list[Any]:
@@ -112,7 +95,7 @@ class HeldConnector(Connector):
     def __init__(self, host: HostSpec, directory: Path, persist: float) -> None:
         self.host = host.name
         self._directory = directory
-        self._args = connect_args(host)
+        self._args = ssh_connect_args(host)
         require_ssh_config(self.host, self._args["ssh_config"])
         self._persist = persist
         self._direct: SSHConnector | None = None

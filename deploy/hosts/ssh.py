@@ -33,7 +33,14 @@ import paramiko
 from fabric import Config, Connection
 
 from deploy.errors import CommandTimeout, ConnectionFailed, ConnectorError, TransferFailed
-from deploy.hosts.connector import CommandResult, Connector, LineStream, StreamCache, require_ssh_config
+from deploy.hosts.connector import (
+    CommandResult,
+    Connector,
+    LineStream,
+    StreamCache,
+    require_ssh_config,
+    ssh_connect_args,
+)
 
 if TYPE_CHECKING:
     from deploy.spec.model import HostSpec
@@ -122,26 +129,8 @@ class SSHConnector(Connector):
     def from_spec(
         cls, host: HostSpec, *, ssh_config: str | Path | None = None, known_hosts: str | Path | None = None
     ) -> SSHConnector:
-        """The connector for a cluster spec's SSH host.
-
-        It connects to ``ssh.hostname`` (an address, DNS name or ssh_config alias), else to the
-        host's ``address``. A spec port of 22 (the default) leaves ssh_config's Port in force.
-        """
-        ssh = host.ssh
-        if ssh is None:
-            return cls(host.name, address=host.address, ssh_config=ssh_config, known_hosts=known_hosts)
-        return cls(
-            host.name,
-            address=ssh.hostname or host.address,
-            user=ssh.user,
-            port=ssh.port if ssh.port != 22 else None,
-            key_file=os.path.expanduser(ssh.key_file) if ssh.key_file else None,
-            gateway=ssh.jump,
-            ssh_config=ssh_config or ssh.config_file,
-            known_hosts=known_hosts or ssh.known_hosts,
-            check_host_keys=ssh.strict_host_key_checking,
-            connect_timeout=ssh.timeout,
-        )
+        """The connector for a cluster spec's SSH host (:func:`~deploy.hosts.connector.ssh_connect_args`)."""
+        return cls(**ssh_connect_args(host, ssh_config=ssh_config, known_hosts=known_hosts))
 
     # -- connection ------------------------------------------------------------------------
 
