@@ -21,6 +21,11 @@ Paths to the same generation (8 tokens, temperature 0, a fresh chat per request,
   gateway's own work being the difference;
 - ``router``: vllm-router -> vLLM (one hop, as the gateway's row).
 
+The same paths also run against an engine stand-in first (:mod:`bench.engine_standin`, a fake
+that answers at once: what a GPU engine leaves the host's cores to; ``BENCH_FRONT_DOOR_STANDIN=0``
+skips it), which needs no vLLM: there a hop's cost is the hop's own, not the queue it joins on
+the core the CPU vLLM leaves free.
+
 At concurrency 1 the paths alternate request by request (p50 of each); at 16 and 64 they
 alternate batch by batch (requests per second). CPU per request is the proxies' own
 (``/proc``), over the concurrency-16 batches. Ratios: gateway vs direct, router vs direct.
@@ -69,7 +74,8 @@ def _start_proxy(name: str, argv: Sequence[str], root: Path) -> tuple[RuntimePro
     return proc, url, popen.pid
 
 
-def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
+def vllm_kind(engine: str, router_bin: str | None, root: Path, *, standin: bool = False) -> None:
+    """The vllm-kind table against ``engine`` (``standin``: :mod:`bench.engine_standin`'s)."""
     launcher = RuntimeLauncher(root / "logs")
     key = secrets.token_urlsafe(16)
     write_secret_file(root / "api_keys", key + "\n")
@@ -126,25 +132,22 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path) -> None:
                         f"{rates[64][name] / rates[64]['direct']:.3f}",
                         f"{cpu16.get(name, 0) * 1000:.1f}" if name in pids else "-",
                     ])  # fmt: skip
-                print(f"### vllm kind: the same chat by {len(paths)} paths\n")
+                what = "an engine stand-in (no model; see bench/engine_standin.py)" if standin else "CPU vLLM"
+                print(f"### vllm kind, {what}: the same chat by {len(paths)} paths\n")
                 print(table(["path", "p50 c=1", "added ms", "req/s c=16", "req/s c=64", "x direct c=64",
                              "proxy CPU ms/req (c=16)"], rows))  # fmt: skip
                 print()
+                prefix = "front_door_standin" if standin else "front_door"
                 added = (median(c1["gateway"]) - median(c1["direct"])) * 1000
-                print(ratio_line("front_door_added_ms_c1", added, "<= 1 ms"))
-                print(ratio_line("front_door_c64", rates[64]["gateway"] / rates[64]["direct"], ">= 0.95x"))
+                print(ratio_line(f"{prefix}_added_ms_c1", added, "<= 1 ms"))
+                c64 = rates[64]["gateway"] / rates[64]["direct"]
+                print(ratio_line(f"{prefix}_c64", c64, ">= 0.95x" if not standin else "(reported)"))
                 over_floor = (median(c1["gateway"]) - median(c1["floor"])) * 1000
-                print(
-                    ratio_line(
-                        "front_door_added_ms_c1_over_floor", over_floor, "the gateway's own work (reported)"
-                    )
-                )
+                own = "the gateway's own work (reported)"
+                print(ratio_line(f"{prefix}_added_ms_c1_over_floor", over_floor, own))
                 if "router" in extra:
-                    print(
-                        ratio_line(
-                            "vllm_router_c64", rates[64]["router"] / rates[64]["direct"], "(for the decision)"
-                        )
-                    )
+                    router = rates[64]["router"] / rates[64]["direct"]
+                    print(ratio_line(f"{prefix}_vllm_router_c64", router, "(for the decision)"))
                 runner.run(client.aclose())
             finally:
                 runner.close()
@@ -225,6 +228,15 @@ def hf_kind() -> None:
 def main() -> None:
     if os.environ.get("BENCH_FRONT_DOOR_HF", "1") != "0":
         hf_kind()
+    if os.environ.get("BENCH_FRONT_DOOR_STANDIN", "1") != "0":
+        with tempfile.TemporaryDirectory(prefix="bench-front-door-") as tmp:
+            standin, url, _pid = _start_proxy(
+                "engine-standin", [sys.executable, "-m", "bench.engine_standin", "{port}"], Path(tmp)
+            )
+            try:
+                vllm_kind(url, os.environ.get("VLLM_ROUTER_BIN"), Path(tmp), standin=True)
+            finally:
+                stop_process(standin)
     engine = os.environ.get("AGENT_LLM_VLLM_URL")
     if not engine:
         print(

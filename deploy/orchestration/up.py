@@ -343,20 +343,21 @@ def run_up(
             phase.detail = "; ".join(f"{j.name} {j.describe()}" for j in jobs)
     model_names = [m.name for m in spec.models]
     answer = f"{len(spec.models)} model(s) answer through {spec.api_server.base_url}"
+    # With a client config to write, its own completion per model (from here, through the
+    # generated files) is the ladder's last rung: the same request, made once, below. Without
+    # one, or when nothing was started (components that run with this spec may still be
+    # starting: this is their readiness wait), the ladder makes it here.
+    proved = output_dir is None or not plan
     with reporter.phase("health") as phase:
         if plan:
             ladder.wait_components(plan.components)
         # else everything ran with this spec a moment ago (the plan saw it): one completion per
         # model through the API server proves the whole path, without probing each worker.
+        if proved:
+            ladder.wait_models(model_names)
         cert_pem = api_certificate(hosts)
         check_api_from_here(spec.api_server.base_url, cert_pem)
-        if output_dir is None:
-            ladder.wait_models(model_names)
-            phase.detail = answer
-        else:
-            # The client config's own completion per model (from here, through the generated
-            # files) is that proof: the same request, made once, below.
-            phase.detail = f"components ready, {spec.api_server.base_url} reached from here"
+        phase.detail = answer if proved else f"components ready, {spec.api_server.base_url} reached from here"
     models = served_models(hosts, list(plan.components), jobs)
     client = None
     if output_dir is not None:
@@ -380,7 +381,7 @@ def run_up(
                 env_var=spec.api_server.key_env_var if key else None,
                 verify=verify,
             )
-            if not client.changed:  # files as generated before, not verified again: prove serving
+            if not client.changed and not proved:  # files as before, not judged again: prove serving
                 ladder.wait_models(model_names)
             written = f"{len(client.changed)} file(s) written" if client.changed else "up to date"
             phase.detail = f"{written}; {answer}"
