@@ -4,9 +4,10 @@ On a GPU host the engine's work is on the GPU and the host's cores are free for 
 front of it; on this 2-core machine the CPU vLLM takes one core for its compute and shares the
 other with everything else, so a proxy's added latency there measures the machine as much as
 the proxy. This stand-in (a fake: it generates nothing) answers ``/health``, ``/v1/models``,
-``/tokenize`` and ``/v1/chat/completions`` (an 8-token answer shaped as vLLM's, the same bytes
-every time) in microseconds, so that the gateway's, the bridge's, the floor's and vllm-router's
-hops can be read against a path that costs almost nothing.
+``/tokenize``, ``/v1/completions`` (the bridge's readiness probe) and ``/v1/chat/completions``
+(an 8-token answer shaped as vLLM's, the same bytes every time) in microseconds, so that the
+gateway's, the bridge's, the floor's and vllm-router's hops can be read against a path that
+costs almost nothing.
 
 Run: ``python -m bench.engine_standin PORT``
 """
@@ -39,6 +40,16 @@ _CHAT = json.dumps(
         "usage": {"prompt_tokens": 20, "total_tokens": 28, "completion_tokens": 8},
     }
 ).encode()
+_COMPLETION = json.dumps(
+    {
+        "id": "cmpl-standin",
+        "object": "text_completion",
+        "created": 0,
+        "model": MODEL,
+        "choices": [{"index": 0, "text": " one", "logprobs": None, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 1, "total_tokens": 2, "completion_tokens": 1},
+    }
+).encode()
 
 
 async def _models(_request: web.Request) -> web.Response:
@@ -59,6 +70,11 @@ async def _chat(request: web.Request) -> web.Response:
     return web.Response(body=_CHAT, content_type="application/json")
 
 
+async def _completion(request: web.Request) -> web.Response:  # the bridge's readiness probe
+    await request.read()
+    return web.Response(body=_COMPLETION, content_type="application/json")
+
+
 def main() -> None:
     """Serve on 127.0.0.1:PORT until killed."""
     app = web.Application()
@@ -66,6 +82,7 @@ def main() -> None:
     app.router.add_get("/v1/models", _models)
     app.router.add_post("/tokenize", _tokenize)
     app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/completions", _completion)
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 
 
