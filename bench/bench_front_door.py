@@ -57,8 +57,8 @@ BATCHES = 3
 WORKER_ROUTES = ("/worker_generate", "/worker_generate_stream")
 
 
-def _start_proxy(name: str, argv: Sequence[str], root: Path) -> tuple[RuntimeProcess, str, int]:
-    """Start a proxy given its argv without the port (appended by ``argv``'s ``{port}``)."""
+def _start_proxy(name: str, argv: Sequence[str], root: Path) -> tuple[RuntimeProcess, str]:
+    """Start ``argv`` (its ``{port}`` replaced by a free port) and wait until it answers a chat."""
     port = free_port()
     log = root / f"{name}.log"
     with log.open("ab") as out:
@@ -71,7 +71,7 @@ def _start_proxy(name: str, argv: Sequence[str], root: Path) -> tuple[RuntimePro
     body = {"model": MODEL, "messages": chat(0), **GENERATION}
     wait_for(lambda: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10).is_success,
              what=name, watch=[proc], timeout=120)  # fmt: skip
-    return proc, url, popen.pid
+    return proc, url
 
 
 def vllm_kind(engine: str, router_bin: str | None, root: Path, *, standin: bool = False) -> None:
@@ -81,7 +81,7 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path, *, standin: bool 
     write_secret_file(root / "api_keys", key + "\n")
     bport = free_port()
     bridge_url = f"http://127.0.0.1:{bport}"
-    extra: dict[str, tuple[RuntimeProcess, str, int]] = {}  # floor, router: process, url, pid
+    extra: dict[str, tuple[RuntimeProcess, str]] = {}  # floor, router: process, url
     try:
         _controller, controller_url = launcher.controller()
         bridge = launcher.start(
@@ -113,9 +113,9 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path, *, standin: bool 
                     "gateway": post_chat(client, f"{front.root}/v1/chat/completions", auth, MODEL),
                 }
                 pids: dict[str, Sequence[int]] = {"bridge": [bridge.pid], "gateway": [front.process.pid]}
-                for name, (_proc, url, pid) in extra.items():
+                for name, (proc, url) in extra.items():
                     paths[name] = post_chat(client, f"{url}/v1/chat/completions", {}, MODEL)
-                    pids[name] = [pid]
+                    pids[name] = [proc.pid]
                 c1 = runner.run(alternate_c1(paths, scaled(ROUNDS_C1)))
                 rows = []
                 rates = {}
@@ -152,7 +152,7 @@ def vllm_kind(engine: str, router_bin: str | None, root: Path, *, standin: bool 
             finally:
                 runner.close()
     finally:
-        for proc, _url, _pid in extra.values():
+        for proc, _url in extra.values():
             stop_process(proc)
         launcher.stop_all()
 
@@ -230,7 +230,7 @@ def main() -> None:
         hf_kind()
     if os.environ.get("BENCH_FRONT_DOOR_STANDIN", "1") != "0":
         with tempfile.TemporaryDirectory(prefix="bench-front-door-") as tmp:
-            standin, url, _pid = _start_proxy(
+            standin, url = _start_proxy(
                 "engine-standin", [sys.executable, "-m", "bench.engine_standin", "{port}"], Path(tmp)
             )
             try:

@@ -184,7 +184,10 @@ class HeldConnector(Connector):
     def stream(self, argv: Sequence[str]) -> LineStream | None:
         if self._direct is not None:
             return self._direct.stream(argv)
-        return self._streams.setdefault(tuple(argv), _HeldStream(self, list(argv)))
+        key = tuple(argv)
+        if key not in self._streams:
+            self._streams[key] = _HeldStream(self, list(argv))
+        return self._streams[key]
 
     def close(self) -> None:
         """Closes a direct connection; a held one stays open for the next command."""
@@ -217,11 +220,21 @@ class _HolderUnavailable(Exception):
     pass
 
 
-def _connect(directory: Path) -> socket.socket:
-    """A connection to the holder of ``directory``, started first when none runs."""
+def _socket_path(directory: Path) -> Path:
+    """The holder's socket in ``directory``.
+
+    Raises:
+        _HolderUnavailable: the path is longer than a Unix socket's may be.
+    """
     path = directory / "holder.sock"
     if len(os.fsencode(path)) >= _SOCKET_PATH_MAX:
         raise _HolderUnavailable(f"socket path too long: {path}")
+    return path
+
+
+def _connect(directory: Path) -> socket.socket:
+    """A connection to the holder of ``directory``, started first when none runs."""
+    path = _socket_path(directory)
     deadline = None
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -278,14 +291,11 @@ def stop(directory: Path, *, timeout: float = 10.0) -> bool:
     pid = _holder_pid(directory)
     if pid is None:
         return False
-    with contextlib.suppress(_HolderUnavailable, OSError):
-        path = directory / "holder.sock"
-        if len(os.fsencode(path)) < _SOCKET_PATH_MAX:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(timeout)
-                sock.connect(str(path))
-                sock.sendall(b'{"op": "stop"}\n')
-                sock.recv(1)
+    with contextlib.suppress(_HolderUnavailable, OSError), socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(_socket_path(directory)))
+        sock.sendall(b'{"op": "stop"}\n')
+        sock.recv(1)
     deadline = time.monotonic() + timeout
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -338,8 +348,7 @@ class _Held:
 
 
 class _Holder:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    def __init__(self) -> None:
         self.held: dict[str, _Held] = {}
         self.lock = threading.Lock()
         self.inflight = 0
@@ -399,9 +408,9 @@ class _Holder:
             if held is None:
                 from deploy.hosts.ssh import SSHConnector
 
-                held = self.held[request["key"]] = _Held(SSHConnector(**request["connect"]), 0)
+                connector = SSHConnector(**request["connect"])
+                held = self.held[request["key"]] = _Held(connector, float(request["persist"]))
                 self.log(f"holding a connection to {request['connect']['host']}")
-            held.persist = float(request["persist"])
             held.inflight += 1
             return held
 
@@ -481,7 +490,7 @@ def _serve(directory: Path) -> int:
         os.dup2(log_fd, fd)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    holder = _Holder(directory)
+    holder = _Holder()
     holder.log(f"listening at {path}")
     threading.Thread(target=_preload, daemon=True).start()
     threading.Thread(target=holder.reap, daemon=True).start()

@@ -173,6 +173,7 @@ Answer = (
 
 # Background listeners of a --serve agent (op_listen), by id, until listen_result collects them.
 _LISTENERS: dict[str, tuple[Any, ListenAnswer]] = {}
+_LISTENER_IDS = iter(range(1, 1 << 62))
 _SERVING = False
 
 
@@ -440,7 +441,7 @@ def op_listen(req: dict[str, Any]) -> ListenAnswer:
 
         thread = threading.Thread(target=_accept, args=(sel, expect, deadline, answer["peers"]), daemon=True)
         thread.start()
-        key = str(len(_LISTENERS) + 1)
+        key = str(next(_LISTENER_IDS))
         _LISTENERS[key] = (thread, answer)
         return {**answer, "id": key}
     _accept(sel, expect, deadline, answer["peers"])

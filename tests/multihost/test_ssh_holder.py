@@ -25,8 +25,6 @@ from deploy.polling import poll_until
 from deploy.spec.model import HostSpec, SSHSpec
 from devtools.testhosts import Testbed, netns_pids
 
-AGENT = [sys.executable, "-m", "deploy.runtime.hostagent", "--serve"]
-
 
 def held_host(test_hosts: Testbed, name: str = "w1", **ssh: object) -> HostSpec:
     spec = SSHSpec(hostname=name, config_file=str(test_hosts.ssh_config), **ssh)  # type: ignore[arg-type]

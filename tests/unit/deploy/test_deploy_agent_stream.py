@@ -117,3 +117,28 @@ def test_an_agent_run_once_listens_to_the_end_before_answering(free_port: Callab
     )  # fmt: skip
     (answer,) = json.loads(done.stdout)
     assert answer == {"bound": [f"127.0.0.1:{port}"], "peers": []}  # no id: it waited its 0.3 s
+
+
+def test_background_listener_ids_stay_unique_after_one_is_collected(
+    connector: LocalConnector, free_port: Callable[[], int]
+) -> None:
+    agent = HostAgent(connector, sys.executable)
+    ports = [free_port() for _ in range(3)]
+
+    def listen(port: int) -> str:
+        sockets = [["127.0.0.1", port]]
+        op = {"op": "listen", "sockets": sockets, "seconds": 20, "expect": 1, "background": True}
+        return str(agent.one(op)["id"])
+
+    def connect(port: int) -> None:
+        assert agent.one({"op": "connect", "address": "127.0.0.1", "port": port, "timeout": 5})["ok"]
+
+    first, second = listen(ports[0]), listen(ports[1])
+    connect(ports[0])
+    assert agent.one({"op": "listen_result", "id": first})["bound"] == [f"127.0.0.1:{ports[0]}"]
+    third = listen(ports[2])  # while the second is still out
+    assert len({first, second, third}) == 3
+    connect(ports[1])
+    connect(ports[2])
+    for listener, port in ((second, ports[1]), (third, ports[2])):
+        assert agent.one({"op": "listen_result", "id": listener})["bound"] == [f"127.0.0.1:{port}"]
